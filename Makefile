@@ -1,0 +1,47 @@
+# red_kernels developer and user entry points. `make demo` and `make test` do all the set-up.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel by default; GPU users: make setup TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.7.1
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.red_kernels_setup
+
+.PHONY: setup build demo test test-fast bench lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q $(TRITON_SPEC) numpy ninja pytest pytest-benchmark pytest-timeout safetensors "transformers>=5" ruff clang-format
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $(STAMP)
+
+build: setup
+	$(PY) -m pip install -q --no-build-isolation -e .
+
+demo: setup
+	$(PY) -m red_kernels demo
+
+test: setup
+	$(PY) -m pytest python_tests -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/latest.json $(PYTEST_ARGS)
+	$(PY) benchmarks/report.py benchmarks/results/latest.json
+
+lint: setup
+	$(VENV)/bin/ruff check red_kernels python_tests benchmarks setup.py
+	$(VENV)/bin/ruff format --check red_kernels python_tests benchmarks setup.py
+	$(VENV)/bin/clang-format --dry-run --Werror $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+format: setup
+	$(VENV)/bin/ruff format red_kernels python_tests benchmarks setup.py
+	$(VENV)/bin/ruff check --fix red_kernels python_tests benchmarks setup.py
+	$(VENV)/bin/clang-format -i $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+clean:
+	rm -rf build *.egg-info red_kernels/*.so $(VENV)

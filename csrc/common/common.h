@@ -1,0 +1,29 @@
+// Shared helpers for every op family: host/device inline marker, accumulation types, small
+// integer helpers. Host-only tensor checks live in checks.h so this header stays CUDA-device safe.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define RK_HD __host__ __device__ __forceinline__
+#else
+#define RK_HD inline
+#endif
+
+namespace red_kernels {
+
+// Accumulation type: fp64 stays fp64 (gradcheck), everything else accumulates in fp32.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
+RK_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace red_kernels

@@ -1,0 +1,196 @@
+// red_edit: operator schemas (red_kernels_C namespace) and the CPU kernels.
+//
+//   red_edit_fwd(h[..., d], scale[d]?, bias[d]?) -> h * scale + bias       (h's dtype)
+//   red_edit_bwd(grad_out, h?, scale?, need_h, need_scale, need_bias, param_dtype)
+//     -> (grad_h = g * scale, grad_scale = sum_rows g * h, grad_bias = sum_rows g)
+// A gradient that is not needed comes back as an empty tensor.
+#include "red_edit/red_edit.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace red_kernels {
+
+// Parameters are tiny ([d]): convert them once to the accumulation dtype so the kernels are
+// templated on h's dtype only. A missing scale/bias becomes ones/zeros (one extra FMA operand
+// costs nothing in a memory-bound loop and keeps one kernel for all four ablations).
+at::Tensor red_edit_param(const c10::optional<at::Tensor>& p, int64_t d, const at::Tensor& like,
+                          double fill) {
+  const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (p.has_value()) return p->to(acc).contiguous();
+  const auto opts = like.options().dtype(acc);
+  return fill == 0.0 ? at::zeros({d}, opts) : at::ones({d}, opts);
+}
+
+void red_edit_check(const at::Tensor& h, const c10::optional<at::Tensor>& scale,
+                    const c10::optional<at::Tensor>& bias) {
+  RK_CHECK_ARG(h.dim() >= 1, "h", "expected at least 1 dim [..., d], got a scalar");
+  check_floating(h, "h");
+  const int64_t d = h.size(-1);
+  check_vector(scale, "scale", d, h);
+  check_vector(bias, "bias", d, h);
+  if (scale.has_value() && bias.has_value()) {
+    RK_CHECK_ARG(scale->scalar_type() == bias->scalar_type(), "bias", "dtype ",
+                 bias->scalar_type(), " differs from the dtype of 'scale' (",
+                 scale->scalar_type(), ")");
+  }
+}
+
+void red_edit_bwd_check(const at::Tensor& grad_out, const c10::optional<at::Tensor>& h,
+                        const c10::optional<at::Tensor>& scale, bool need_scale) {
+  RK_CHECK_ARG(grad_out.dim() >= 1, "grad_out", "expected at least 1 dim");
+  check_floating(grad_out, "grad_out");
+  RK_CHECK_ARG(!need_scale || h.has_value(), "h", "is required when need_scale is true");
+  if (h.has_value()) {
+    RK_CHECK_ARG(h->sizes() == grad_out.sizes(), "h", "shape ", h->sizes(),
+                 " differs from 'grad_out' ", grad_out.sizes());
+    RK_CHECK_ARG(h->scalar_type() == grad_out.scalar_type(), "h", "dtype ", h->scalar_type(),
+                 " differs from 'grad_out' ", grad_out.scalar_type());
+    check_same_device(grad_out, "grad_out", *h, "h");
+  }
+  check_vector(scale, "scale", grad_out.size(-1), grad_out);
+}
+
+namespace {
+
+template <typename F>
+void dispatch_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+at::Tensor red_edit_fwd_cpu(const at::Tensor& h, const c10::optional<at::Tensor>& scale,
+                            const c10::optional<at::Tensor>& bias) {
+  red_edit_check(h, scale, bias);
+  const int64_t d = h.size(-1);
+  at::Tensor out = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const at::Tensor rows = as_rows(h);
+  const at::Tensor s = red_edit_param(scale, d, h, 1.0);
+  const at::Tensor b = red_edit_param(bias, d, h, 0.0);
+  const int64_t m = rows.size(0), row_stride = rows.stride(0);
+  const int64_t grain = std::max<int64_t>(1, 32768 / d);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "red_edit_fwd_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* hp = rows.const_data_ptr<scalar_t>();
+    const A* sp = s.const_data_ptr<A>();
+    const A* bp = b.const_data_ptr<A>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* __restrict__ hr = hp + r * row_stride;
+        scalar_t* __restrict__ orow = op + r * d;
+        for (int64_t j = 0; j < d; ++j) {
+          orow[j] = static_cast<scalar_t>(red_edit_apply<A>(static_cast<A>(hr[j]), sp[j], bp[j]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_cpu(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& h,
+    const c10::optional<at::Tensor>& scale, bool need_h, bool need_scale, bool need_bias,
+    at::ScalarType param_dtype) {
+  red_edit_bwd_check(grad_out, h, scale, need_scale);
+  const int64_t d = grad_out.size(-1);
+
+  const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = grad_out.options();
+  at::Tensor grad_h = need_h ? at::empty(grad_out.sizes(), opts.memory_format(at::MemoryFormat::Contiguous))
+                             : at::empty({0}, opts);
+  const at::Tensor g = as_rows(grad_out);
+  const int64_t m = g.size(0);
+  // Column partial sums, one row per block of rows, then an in-order reduction over blocks.
+  const int64_t rows_per_block = red_edit_rows_per_block(m, 64, std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1)));
+  const int64_t nblocks = m == 0 ? 0 : ceil_div(m, rows_per_block);
+  at::Tensor part_gh = at::zeros({need_scale ? nblocks : 0, d}, opts.dtype(acc));
+  at::Tensor part_g = at::zeros({need_bias ? nblocks : 0, d}, opts.dtype(acc));
+  at::Tensor sum_gh = at::zeros({need_scale ? d : 0}, opts.dtype(acc));
+  at::Tensor sum_g = at::zeros({need_bias ? d : 0}, opts.dtype(acc));
+
+  if (m > 0 && d > 0 && (need_h || need_scale || need_bias)) {
+    const at::Tensor hr = need_scale ? as_rows(*h) : at::Tensor();
+    const at::Tensor s = red_edit_param(scale, d, grad_out, 1.0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "red_edit_bwd_cpu", [&] {
+      using A = acc_t<scalar_t>;
+      const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      const int64_t g_stride = g.stride(0);
+      const scalar_t* hp = need_scale ? hr.const_data_ptr<scalar_t>() : nullptr;
+      const int64_t h_stride = need_scale ? hr.stride(0) : 0;
+      const A* sp = s.const_data_ptr<A>();
+      scalar_t* ghp = need_h ? grad_h.mutable_data_ptr<scalar_t>() : nullptr;
+      A* pgh = need_scale ? part_gh.mutable_data_ptr<A>() : nullptr;
+      A* pg = need_bias ? part_g.mutable_data_ptr<A>() : nullptr;
+      dispatch_bool(need_h, [&](auto NH) {
+        dispatch_bool(need_scale, [&](auto NS) {
+          dispatch_bool(need_bias, [&](auto NB) {
+            at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+              for (int64_t blk = b0; blk < b1; ++blk) {
+                A* __restrict__ acc_gh = NS ? pgh + blk * d : nullptr;
+                A* __restrict__ acc_g = NB ? pg + blk * d : nullptr;
+                const int64_t r_end = std::min(m, (blk + 1) * rows_per_block);
+                for (int64_t r = blk * rows_per_block; r < r_end; ++r) {
+                  const scalar_t* __restrict__ grow = gp + r * g_stride;
+                  const scalar_t* __restrict__ hrow = NS ? hp + r * h_stride : nullptr;
+                  scalar_t* __restrict__ ghrow = NH ? ghp + r * d : nullptr;
+                  for (int64_t j = 0; j < d; ++j) {
+                    const A gv = static_cast<A>(grow[j]);
+                    if constexpr (decltype(NH)::value) {
+                      ghrow[j] = static_cast<scalar_t>(red_edit_grad_h<A>(gv, sp[j]));
+                    }
+                    if constexpr (decltype(NS)::value) {
+                      acc_gh[j] += red_edit_grad_scale_term<A>(gv, static_cast<A>(hrow[j]));
+                    }
+                    if constexpr (decltype(NB)::value) acc_g[j] += gv;
+                  }
+                }
+              }
+            });
+          });
+        });
+      });
+      // Second stage: fixed-order sum over blocks, parallel over columns.
+      A* sgh = need_scale ? sum_gh.mutable_data_ptr<A>() : nullptr;
+      A* sg = need_bias ? sum_g.mutable_data_ptr<A>() : nullptr;
+      at::parallel_for(0, d, 1024, [&](int64_t c0, int64_t c1) {
+        for (int64_t blk = 0; blk < nblocks; ++blk) {
+          for (int64_t j = c0; j < c1; ++j) {
+            if (sgh) sgh[j] += pgh[blk * d + j];
+            if (sg) sg[j] += pg[blk * d + j];
+          }
+        }
+      });
+    });
+  }
+  return {grad_h, sum_gh.to(param_dtype), sum_g.to(param_dtype)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(red_kernels_C, m) {
+  m.def("red_edit_fwd(Tensor h, Tensor? scale, Tensor? bias) -> Tensor");
+  m.def(
+      "red_edit_bwd(Tensor grad_out, Tensor? h, Tensor? scale, bool need_h, bool need_scale, "
+      "bool need_bias, ScalarType param_dtype) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(red_kernels_C, CPU, m) {
+  m.impl("red_edit_fwd", &red_edit_fwd_cpu);
+  m.impl("red_edit_bwd", &red_edit_bwd_cpu);
+}
+
+}  // namespace red_kernels

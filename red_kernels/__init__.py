@@ -1,0 +1,20 @@
+"""red_kernels: fused kernels for representation-editing fine-tuning (RED, PARA, multi-tenant).
+
+Importing this package needs neither Triton, nor the compiled extension, nor CUDA, and never
+initialises CUDA: backends are probed lazily, when an op first runs or :func:`backends` is called.
+"""
+
+from red_kernels._backend import BackendInfo, backend_info, backends, use_backend
+from red_kernels.ops import red_edit, red_edit_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendInfo",
+    "__version__",
+    "backend_info",
+    "backends",
+    "red_edit",
+    "red_edit_reference",
+    "use_backend",
+]

@@ -1,0 +1,58 @@
+"""Helpers shared by the op modules: argument checks with clear messages and small tensor utils."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp64 stays fp64 (gradcheck), everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_floating(t: Tensor, name: str, op: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"red_kernels.{op}: argument '{name}' must be a Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"red_kernels.{op}: argument '{name}' must be floating point, got {t.dtype}")
+
+
+def check_same_device(ref: Tensor, ref_name: str, t: Tensor, name: str, op: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(
+            f"red_kernels.{op}: argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}"
+        )
+
+
+def check_vector(v: Tensor | None, name: str, d: int, h: Tensor, op: str) -> None:
+    """``v`` is None or a floating [d] vector on h's device."""
+    if v is None:
+        return
+    check_floating(v, name, op)
+    if v.dim() != 1 or v.shape[0] != d:
+        raise ValueError(
+            f"red_kernels.{op}: argument '{name}' must have shape [{d}] (the last dim of 'h'), "
+            f"got {list(v.shape)}"
+        )
+    check_same_device(h, "h", v, name, op)
+
+
+def leading_size(x: Tensor) -> int:
+    """Product of all dims but the last (well defined even when the last dim is 0)."""
+    return math.prod(x.shape[:-1])
+
+
+def as_rows(x: Tensor) -> Tensor:
+    """View ``x`` as [rows, x.shape[-1]] with unit stride in the last dim (copies only when needed)."""
+    rows = x.reshape(leading_size(x), x.shape[-1])
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def empty_unless(need: bool, like: Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> Tensor:
+    """A tensor of ``shape`` when the gradient is needed, else an empty placeholder."""
+    return like.new_empty(shape if need else (0,), dtype=dtype or like.dtype)
