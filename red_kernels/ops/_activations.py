@@ -1,0 +1,33 @@
+"""Activations of the PARA vector generator, shared by every op that runs the bottleneck.
+
+Each has an integer code that the C++/CUDA (csrc/common/activations.h) and Triton
+(red_kernels/triton/_activations.py) kernels switch on; the eager functions here are the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS: dict[str, int] = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
+
+
+def activation_code(name: str, op: str) -> int:
+    """The kernel code of ``name``; ValueError naming the argument for anything else."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"red_kernels.{op}: argument 'activation' must be one of {list(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
+def apply_activation(x: Tensor, name: str) -> Tensor:
+    """Eager reference: gelu is the exact (erf) GELU, gelu_tanh its tanh approximation."""
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return torch.relu(x)
+    if name == "silu":
+        return F.silu(x)
+    raise ValueError(f"unknown activation {name!r}")

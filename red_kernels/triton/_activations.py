@@ -1,0 +1,46 @@
+"""Triton activations of the PARA bottleneck and their derivatives (codes: ops/_activations.py).
+
+tanh is written with sigmoid so the same code runs under the interpreter and on GPUs.
+"""
+
+import triton
+import triton.language as tl
+
+_INV_SQRT2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+_COEF = 0.044715
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def act_forward(x, ACT: tl.constexpr):
+    if ACT == 0:
+        y = 0.5 * x * (1.0 + tl.math.erf(x * _INV_SQRT2))
+    elif ACT == 1:
+        y = 0.5 * x * (1.0 + _tanh(_SQRT_2_OVER_PI * (x + _COEF * x * x * x)))
+    elif ACT == 2:
+        y = tl.maximum(x, 0.0)
+    else:
+        y = x * tl.sigmoid(x)
+    return y
+
+
+@triton.jit
+def act_backward(x, ACT: tl.constexpr):
+    """d act(x) / dx."""
+    if ACT == 0:
+        dy = 0.5 * (1.0 + tl.math.erf(x * _INV_SQRT2)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+    elif ACT == 1:
+        t = _tanh(_SQRT_2_OVER_PI * (x + _COEF * x * x * x))
+        dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _COEF * x * x)
+    elif ACT == 2:
+        dy = tl.where(x > 0.0, 1.0, 0.0)
+    else:
+        s = tl.sigmoid(x)
+        dy = s * (1.0 + x * (1.0 - s))
+    return dy
