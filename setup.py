@@ -55,12 +55,12 @@ def _ext_modules():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
     sources = _sources("*.cpp")
-    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++17", "-DRED_KERNELS_PYTHON_MODULE"]
+    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++20", "-DRED_KERNELS_PYTHON_MODULE"]
     extra = {"cxx": cxx}
     macros = []
     if with_cuda:
         sources += _sources("*.cu")
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         macros.append(("RED_KERNELS_WITH_CUDA", None))
         cls = CUDAExtension
     else:
