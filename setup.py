@@ -24,7 +24,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _sources(pattern: str) -> list[str]:
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True))
+    return sorted(
+        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True)
+    )
 
 
 def _ext_modules():

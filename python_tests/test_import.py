@@ -29,9 +29,7 @@ print(json.dumps({
 def _run(env_extra: dict[str, str], prelude: str = "") -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(env_extra)
-    proc = subprocess.run(
-        [sys.executable, "-c", prelude + PROBE], capture_output=True, text=True, env=env, timeout=300
-    )
+    proc = subprocess.run([sys.executable, "-c", prelude + PROBE], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -77,9 +75,7 @@ def test_cpu_backend_built_in_ci():
 
 
 def test_info_command_lists_every_backend():
-    proc = subprocess.run(
-        [sys.executable, "-m", "red_kernels", "info"], capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([sys.executable, "-m", "red_kernels", "info"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for name in ("reference", "cpu", "triton", "cuda"):
         assert name in proc.stdout

@@ -61,7 +61,9 @@ def _check_against_reference(backend, h, scale, bias):
     if scale is not None:
         g_s, r_s = next(gi)
         assert g_s.dtype == scale.dtype
-        assert_sum_close(g_s, r_s, (g2 * h.detach().to(acc).reshape(-1, h.shape[-1]).abs()).sum(0), f"{backend} grad_scale")
+        assert_sum_close(
+            g_s, r_s, (g2 * h.detach().to(acc).reshape(-1, h.shape[-1]).abs()).sum(0), f"{backend} grad_scale"
+        )
     if bias is not None:
         g_b, r_b = next(gi)
         assert g_b.dtype == bias.dtype
@@ -158,7 +160,9 @@ def test_saves_only_h():
     assert len(big) == 1 and big[0].data_ptr() == h.data_ptr()
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"] + (["triton"] if "triton" in BACKENDS else []))
+@pytest.mark.parametrize(
+    "backend", [b for b in BACKENDS if b != "triton"] + (["triton"] if "triton" in BACKENDS else [])
+)
 def test_gradcheck(backend):
     h, scale, bias = _inputs((3, 4, 5), torch.float64)
     assert torch.autograd.gradcheck(lambda *a: rk.red_edit(*a, backend=backend), (h, scale, bias))
@@ -287,3 +291,43 @@ def test_cpp_checks_name_the_argument():
 def test_gpu_backends_match_reference(dtype, shape):
     for backend in gpu_backends():
         _check_against_reference(backend, *_inputs(shape, dtype, device="cuda"))
+
+
+# --- CPU code paths chosen at run time ----------------------------------------------------------
+
+_PATH_PROBE = r"""
+import torch, red_kernels as rk
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    h = torch.randn(1024, 4097).to(dtype).requires_grad_()  # large enough for the huge-page advice
+    s = torch.randn(4097, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True)
+    b = torch.randn_like(s, requires_grad=True)
+    g = torch.randn(h.shape).to(dtype)
+    out = rk.red_edit(h, s, b, backend="cpu")
+    got = torch.autograd.grad(out, (h, s, b), g)
+    acc = s.dtype
+    hu, su, bu = (t.detach().to(acc).requires_grad_() for t in (h, s, b))
+    ref = rk.red_edit_reference(hu, su, bu)
+    want = torch.autograd.grad(ref, (hu, su, bu), g.to(acc))
+    tol = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
+    assert torch.allclose(out.to(acc), ref, rtol=tol, atol=tol), dtype
+    assert torch.allclose(got[0].to(acc), want[0], rtol=tol, atol=tol), dtype
+    for a, w in zip(got[1:], want[1:]):
+        assert torch.allclose(a, w, rtol=1e-4, atol=1e-3 * w.abs().max().item()), dtype
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("env", [{"RED_KERNELS_CPU_ISA": "base"}, {"RED_KERNELS_NO_HUGE_PAGES": "1"}, {}], ids=str)
+def test_cpu_runtime_paths(env):
+    """The baseline-ISA build of the row kernels (chosen on CPUs without AVX2) and the allocation
+    without huge-page advice compute the same as the default path."""
+    import os
+    import subprocess
+    import sys
+
+    if "cpu" not in BACKENDS:
+        pytest.skip("compiled extension not built")
+    proc = subprocess.run(
+        [sys.executable, "-c", _PATH_PROBE], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -41,7 +41,10 @@ def demo() -> None:
             t.grad = None
         out = rk.red_edit(h, scale, bias, backend=b.name)
         out.square().mean().backward()
-        err = max((out - ref).abs().max().item(), *((t.grad - e).abs().max().item() for t, e in zip((h, scale, bias), expected)))
+        err = max(
+            (out - ref).abs().max().item(),
+            *((t.grad - e).abs().max().item() for t, e in zip((h, scale, bias), expected)),
+        )
         print(f"  {b.name:<10} max |diff| (output and all gradients) = {err:.2e}")
 
 

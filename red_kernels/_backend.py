@@ -57,8 +57,7 @@ def extension_status() -> tuple[bool, str]:
         from red_kernels import _C  # noqa: F401  (loading registers torch.ops.red_kernels_C)
     except ImportError as exc:
         return False, (
-            f"compiled extension red_kernels._C not built ({exc}); "
-            "build with `pip install --no-build-isolation -e .`"
+            f"compiled extension red_kernels._C not built ({exc}); build with `pip install --no-build-isolation -e .`"
         )
     return True, "compiled extension red_kernels._C"
 
@@ -175,7 +174,6 @@ def resolve(requested: str, device: torch.device, op: str, implemented: tuple[st
         raise RuntimeError(f"red_kernels.{op}: backend {requested!r} is unavailable: {info.reason}")
     if dev not in info.devices:
         raise RuntimeError(
-            f"red_kernels.{op}: backend {requested!r} runs on {', '.join(info.devices)} tensors, "
-            f"not on {device}"
+            f"red_kernels.{op}: backend {requested!r} runs on {', '.join(info.devices)} tensors, not on {device}"
         )
     return requested

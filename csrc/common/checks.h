@@ -12,14 +12,14 @@
 namespace red_kernels {
 
 inline void check_floating(const at::Tensor& t, const char* name) {
-  RK_CHECK_ARG(at::isFloatingType(t.scalar_type()), name,
-               "expected a floating-point tensor, got ", t.scalar_type());
+  RK_CHECK_ARG(at::isFloatingType(t.scalar_type()), name, "expected a floating-point tensor, got ",
+               t.scalar_type());
 }
 
 inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
                               const char* b_name) {
-  RK_CHECK_ARG(a.device() == b.device(), b_name, "is on ", b.device(), " but '", a_name,
-               "' is on ", a.device());
+  RK_CHECK_ARG(a.device() == b.device(), b_name, "is on ", b.device(), " but '", a_name, "' is on ",
+               a.device());
 }
 
 // A [d] parameter vector of an op whose activations have last dim d.
@@ -28,8 +28,7 @@ inline void check_vector(const c10::optional<at::Tensor>& v, const char* name, i
   if (!v.has_value()) return;
   RK_CHECK_ARG(v->dim() == 1, name, "expected a 1-D tensor of size ", d, ", got shape ",
                v->sizes());
-  RK_CHECK_ARG(v->size(0) == d, name, "has size ", v->size(0), " but the last dim of 'h' is ",
-               d);
+  RK_CHECK_ARG(v->size(0) == d, name, "has size ", v->size(0), " but the last dim of 'h' is ", d);
   check_floating(*v, name);
   check_same_device(h, "h", *v, name);
 }

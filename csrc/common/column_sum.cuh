@@ -23,7 +23,8 @@ void launch_column_sum(const A* part, A* out, int64_t nblocks, int64_t d, cudaSt
   constexpr int threads = 256;
   const int64_t blocks = (d + threads - 1) / threads;
   if (blocks == 0) return;
-  column_sum_kernel<A><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(part, out, nblocks, d);
+  column_sum_kernel<A>
+      <<<static_cast<unsigned>(blocks), threads, 0, stream>>>(part, out, nblocks, d);
 }
 
 }  // namespace red_kernels

@@ -16,7 +16,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/alloc.h"
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 
 namespace red_kernels {
 
@@ -39,9 +41,8 @@ void red_edit_check(const at::Tensor& h, const c10::optional<at::Tensor>& scale,
   check_vector(scale, "scale", d, h);
   check_vector(bias, "bias", d, h);
   if (scale.has_value() && bias.has_value()) {
-    RK_CHECK_ARG(scale->scalar_type() == bias->scalar_type(), "bias", "dtype ",
-                 bias->scalar_type(), " differs from the dtype of 'scale' (",
-                 scale->scalar_type(), ")");
+    RK_CHECK_ARG(scale->scalar_type() == bias->scalar_type(), "bias", "dtype ", bias->scalar_type(),
+                 " differs from the dtype of 'scale' (", scale->scalar_type(), ")");
   }
 }
 
@@ -60,7 +61,21 @@ void red_edit_bwd_check(const at::Tensor& grad_out, const c10::optional<at::Tens
   check_vector(scale, "scale", grad_out.size(-1), grad_out);
 }
 
+namespace base {
+#include "red_edit/red_edit_cpu_kernels.inc"
+}  // namespace base
+
+#if RK_HAVE_AVX2_PATH
+RK_BEGIN_AVX2
+namespace avx2 {
+#include "red_edit/red_edit_cpu_kernels.inc"
+}  // namespace avx2
+RK_END_AVX2
+#endif
+
 namespace {
+
+#define RK_COMMA ,
 
 template <typename F>
 void dispatch_bool(bool b, F&& f) {
@@ -71,33 +86,35 @@ void dispatch_bool(bool b, F&& f) {
   }
 }
 
+// Pick the AVX2 or baseline build of a row kernel at run time.
+#if RK_HAVE_AVX2_PATH
+#define RK_ISA_CALL(fn, ...) (cpu_use_avx2() ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
+#else
+#define RK_ISA_CALL(fn, ...) base::fn(__VA_ARGS__)
+#endif
+
 at::Tensor red_edit_fwd_cpu(const at::Tensor& h, const c10::optional<at::Tensor>& scale,
                             const c10::optional<at::Tensor>& bias) {
   red_edit_check(h, scale, bias);
   const int64_t d = h.size(-1);
-  at::Tensor out = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_output(h.sizes(), h.options());
   if (out.numel() == 0) return out;
   const at::Tensor rows = as_rows(h);
   const at::Tensor s = red_edit_param(scale, d, h, 1.0);
   const at::Tensor b = red_edit_param(bias, d, h, 0.0);
   const int64_t m = rows.size(0), row_stride = rows.stride(0);
   const int64_t grain = std::max<int64_t>(1, 32768 / d);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "red_edit_fwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    const scalar_t* hp = rows.const_data_ptr<scalar_t>();
-    const A* sp = s.const_data_ptr<A>();
-    const A* bp = b.const_data_ptr<A>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* __restrict__ hr = hp + r * row_stride;
-        scalar_t* __restrict__ orow = op + r * d;
-        for (int64_t j = 0; j < d; ++j) {
-          orow[j] = static_cast<scalar_t>(red_edit_apply<A>(static_cast<A>(hr[j]), sp[j], bp[j]));
-        }
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, h.scalar_type(), "red_edit_fwd_cpu", [&] {
+        using A = acc_t<scalar_t>;
+        const scalar_t* hp = rows.const_data_ptr<scalar_t>();
+        const A* sp = s.const_data_ptr<A>();
+        const A* bp = b.const_data_ptr<A>();
+        scalar_t* op = out.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
+          RK_ISA_CALL(fwd_rows<scalar_t RK_COMMA A>, hp, row_stride, sp, bp, op, d, r0, r1);
+        });
+      });
   return out;
 }
 
@@ -110,12 +127,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_cpu(
 
   const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = grad_out.options();
-  at::Tensor grad_h = need_h ? at::empty(grad_out.sizes(), opts.memory_format(at::MemoryFormat::Contiguous))
-                             : at::empty({0}, opts);
+  at::Tensor grad_h = need_h ? empty_output(grad_out.sizes(), opts) : at::empty({0}, opts);
   const at::Tensor g = as_rows(grad_out);
   const int64_t m = g.size(0);
   // Column partial sums, one row per block of rows, then an in-order reduction over blocks.
-  const int64_t rows_per_block = red_edit_rows_per_block(m, 64, std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1)));
+  const int64_t rows_per_block =
+      red_edit_rows_per_block(m, 64, std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1)));
   const int64_t nblocks = m == 0 ? 0 : ceil_div(m, rows_per_block);
   at::Tensor part_gh = at::zeros({need_scale ? nblocks : 0, d}, opts.dtype(acc));
   at::Tensor part_g = at::zeros({need_bias ? nblocks : 0, d}, opts.dtype(acc));
@@ -125,56 +142,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_cpu(
   if (m > 0 && d > 0 && (need_h || need_scale || need_bias)) {
     const at::Tensor hr = need_scale ? as_rows(*h) : at::Tensor();
     const at::Tensor s = red_edit_param(scale, d, grad_out, 1.0);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "red_edit_bwd_cpu", [&] {
-      using A = acc_t<scalar_t>;
-      const scalar_t* gp = g.const_data_ptr<scalar_t>();
-      const int64_t g_stride = g.stride(0);
-      const scalar_t* hp = need_scale ? hr.const_data_ptr<scalar_t>() : nullptr;
-      const int64_t h_stride = need_scale ? hr.stride(0) : 0;
-      const A* sp = s.const_data_ptr<A>();
-      scalar_t* ghp = need_h ? grad_h.mutable_data_ptr<scalar_t>() : nullptr;
-      A* pgh = need_scale ? part_gh.mutable_data_ptr<A>() : nullptr;
-      A* pg = need_bias ? part_g.mutable_data_ptr<A>() : nullptr;
-      dispatch_bool(need_h, [&](auto NH) {
-        dispatch_bool(need_scale, [&](auto NS) {
-          dispatch_bool(need_bias, [&](auto NB) {
-            at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-              for (int64_t blk = b0; blk < b1; ++blk) {
-                A* __restrict__ acc_gh = NS ? pgh + blk * d : nullptr;
-                A* __restrict__ acc_g = NB ? pg + blk * d : nullptr;
-                const int64_t r_end = std::min(m, (blk + 1) * rows_per_block);
-                for (int64_t r = blk * rows_per_block; r < r_end; ++r) {
-                  const scalar_t* __restrict__ grow = gp + r * g_stride;
-                  const scalar_t* __restrict__ hrow = NS ? hp + r * h_stride : nullptr;
-                  scalar_t* __restrict__ ghrow = NH ? ghp + r * d : nullptr;
-                  for (int64_t j = 0; j < d; ++j) {
-                    const A gv = static_cast<A>(grow[j]);
-                    if constexpr (decltype(NH)::value) {
-                      ghrow[j] = static_cast<scalar_t>(red_edit_grad_h<A>(gv, sp[j]));
-                    }
-                    if constexpr (decltype(NS)::value) {
-                      acc_gh[j] += red_edit_grad_scale_term<A>(gv, static_cast<A>(hrow[j]));
-                    }
-                    if constexpr (decltype(NB)::value) acc_g[j] += gv;
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, grad_out.scalar_type(), "red_edit_bwd_cpu", [&] {
+          using A = acc_t<scalar_t>;
+          const scalar_t* gp = g.const_data_ptr<scalar_t>();
+          const int64_t g_stride = g.stride(0);
+          const scalar_t* hp = need_scale ? hr.const_data_ptr<scalar_t>() : nullptr;
+          const int64_t h_stride = need_scale ? hr.stride(0) : 0;
+          const A* sp = s.const_data_ptr<A>();
+          scalar_t* ghp = need_h ? grad_h.mutable_data_ptr<scalar_t>() : nullptr;
+          A* pgh = need_scale ? part_gh.mutable_data_ptr<A>() : nullptr;
+          A* pg = need_bias ? part_g.mutable_data_ptr<A>() : nullptr;
+          dispatch_bool(need_h, [&](auto NH) {
+            dispatch_bool(need_scale, [&](auto NS) {
+              dispatch_bool(need_bias, [&](auto NB) {
+                at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+                  for (int64_t blk = b0; blk < b1; ++blk) {
+                    const int64_t r0 = blk * rows_per_block;
+                    const int64_t r1 = std::min(m, r0 + rows_per_block);
+                    RK_ISA_CALL(bwd_rows<scalar_t RK_COMMA A RK_COMMA NH RK_COMMA NS RK_COMMA NB>,
+                                gp, g_stride, hp, h_stride, sp, ghp, NS ? pgh + blk * d : nullptr,
+                                NB ? pg + blk * d : nullptr, d, r0, r1);
                   }
-                }
-              }
+                });
+              });
             });
           });
+          // Second stage: fixed-order sum over blocks, parallel over columns.
+          A* sgh = need_scale ? sum_gh.mutable_data_ptr<A>() : nullptr;
+          A* sg = need_bias ? sum_g.mutable_data_ptr<A>() : nullptr;
+          at::parallel_for(0, d, 1024, [&](int64_t c0, int64_t c1) {
+            for (int64_t blk = 0; blk < nblocks; ++blk) {
+              for (int64_t j = c0; j < c1; ++j) {
+                if (sgh) sgh[j] += pgh[blk * d + j];
+                if (sg) sg[j] += pg[blk * d + j];
+              }
+            }
+          });
         });
-      });
-      // Second stage: fixed-order sum over blocks, parallel over columns.
-      A* sgh = need_scale ? sum_gh.mutable_data_ptr<A>() : nullptr;
-      A* sg = need_bias ? sum_g.mutable_data_ptr<A>() : nullptr;
-      at::parallel_for(0, d, 1024, [&](int64_t c0, int64_t c1) {
-        for (int64_t blk = 0; blk < nblocks; ++blk) {
-          for (int64_t j = c0; j < c1; ++j) {
-            if (sgh) sgh[j] += pgh[blk * d + j];
-            if (sg) sg[j] += pg[blk * d + j];
-          }
-        }
-      });
-    });
   }
   return {grad_h, sum_gh.to(param_dtype), sum_g.to(param_dtype)};
 }

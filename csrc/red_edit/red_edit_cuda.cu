@@ -78,8 +78,8 @@ template <typename T, typename A>
 void launch_fwd(const T* h, int64_t h_stride, const A* s, const A* b, T* out, int64_t m, int64_t d,
                 cudaStream_t stream) {
   const int64_t blocks = std::min<int64_t>(m, 65535LL * 16);
-  red_edit_fwd_kernel<T, A><<<static_cast<unsigned>(blocks), kFwdThreads, 0, stream>>>(
-      h, h_stride, s, b, out, m, d);
+  red_edit_fwd_kernel<T, A>
+      <<<static_cast<unsigned>(blocks), kFwdThreads, 0, stream>>>(h, h_stride, s, b, out, m, d);
 }
 
 template <typename T, typename A, bool NH, bool NS, bool NB>
@@ -98,8 +98,8 @@ void launch_bwd(bool nh, bool ns, bool nb, const T* g, int64_t gs, const T* h, i
                 int64_t nblocks, cudaStream_t st) {
   const int code = (nh ? 4 : 0) | (ns ? 2 : 0) | (nb ? 1 : 0);
   switch (code) {
-#define RK_CASE(c, NH, NS, NB)                                                                  \
-  case c:                                                                                       \
+#define RK_CASE(c, NH, NS, NB)                                                                \
+  case c:                                                                                     \
     launch_bwd_flags<T, A, NH, NS, NB>(g, gs, h, hs, s, gh, pgh, pg, m, d, rpb, nblocks, st); \
     break;
     RK_CASE(1, false, false, true)
@@ -126,12 +126,13 @@ at::Tensor red_edit_fwd_cuda(const at::Tensor& h, const c10::optional<at::Tensor
   const at::Tensor s = red_edit_param(scale, d, h, 1.0);
   const at::Tensor b = red_edit_param(bias, d, h, 0.0);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "red_edit_fwd_cuda", [&] {
-    using A = acc_t<scalar_t>;
-    launch_fwd<scalar_t, A>(rows.const_data_ptr<scalar_t>(), rows.stride(0), s.const_data_ptr<A>(),
-                            b.const_data_ptr<A>(), out.mutable_data_ptr<scalar_t>(), rows.size(0), d,
-                            stream);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, h.scalar_type(), "red_edit_fwd_cuda", [&] {
+        using A = acc_t<scalar_t>;
+        launch_fwd<scalar_t, A>(rows.const_data_ptr<scalar_t>(), rows.stride(0),
+                                s.const_data_ptr<A>(), b.const_data_ptr<A>(),
+                                out.mutable_data_ptr<scalar_t>(), rows.size(0), d, stream);
+      });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -145,8 +146,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_cuda(
   const int64_t d = grad_out.size(-1);
   const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = grad_out.options();
-  at::Tensor grad_h = need_h ? at::empty(grad_out.sizes(), opts.memory_format(at::MemoryFormat::Contiguous))
-                             : at::empty({0}, opts);
+  at::Tensor grad_h =
+      need_h ? at::empty(grad_out.sizes(), opts.memory_format(at::MemoryFormat::Contiguous))
+             : at::empty({0}, opts);
   const at::Tensor g = as_rows(grad_out);
   const int64_t m = g.size(0);
   const int64_t rpb = red_edit_rows_per_block(m, 256, 16);
@@ -159,20 +161,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_cuda(
     const at::Tensor hr = need_scale ? as_rows(*h) : at::Tensor();
     const at::Tensor s = red_edit_param(scale, d, grad_out, 1.0);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "red_edit_bwd_cuda", [&] {
-      using A = acc_t<scalar_t>;
-      launch_bwd<scalar_t, A>(need_h, need_scale, need_bias, g.const_data_ptr<scalar_t>(), g.stride(0),
-                              need_scale ? hr.const_data_ptr<scalar_t>() : nullptr,
-                              need_scale ? hr.stride(0) : 0, s.const_data_ptr<A>(),
-                              need_h ? grad_h.mutable_data_ptr<scalar_t>() : nullptr,
-                              need_scale ? part_gh.mutable_data_ptr<A>() : nullptr,
-                              need_bias ? part_g.mutable_data_ptr<A>() : nullptr, m, d, rpb, nblocks,
-                              stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (need_scale) launch_column_sum<A>(part_gh.const_data_ptr<A>(), sum_gh.mutable_data_ptr<A>(), nblocks, d, stream);
-      if (need_bias) launch_column_sum<A>(part_g.const_data_ptr<A>(), sum_g.mutable_data_ptr<A>(), nblocks, d, stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, grad_out.scalar_type(), "red_edit_bwd_cuda", [&] {
+          using A = acc_t<scalar_t>;
+          launch_bwd<scalar_t, A>(
+              need_h, need_scale, need_bias, g.const_data_ptr<scalar_t>(), g.stride(0),
+              need_scale ? hr.const_data_ptr<scalar_t>() : nullptr, need_scale ? hr.stride(0) : 0,
+              s.const_data_ptr<A>(), need_h ? grad_h.mutable_data_ptr<scalar_t>() : nullptr,
+              need_scale ? part_gh.mutable_data_ptr<A>() : nullptr,
+              need_bias ? part_g.mutable_data_ptr<A>() : nullptr, m, d, rpb, nblocks, stream);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          if (need_scale)
+            launch_column_sum<A>(part_gh.const_data_ptr<A>(), sum_gh.mutable_data_ptr<A>(), nblocks,
+                                 d, stream);
+          if (need_bias)
+            launch_column_sum<A>(part_g.const_data_ptr<A>(), sum_g.mutable_data_ptr<A>(), nblocks,
+                                 d, stream);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
   }
   return {grad_h, sum_gh.to(param_dtype), sum_g.to(param_dtype)};
 }

@@ -22,9 +22,7 @@ def check_floating(t: Tensor, name: str, op: str) -> None:
 
 def check_same_device(ref: Tensor, ref_name: str, t: Tensor, name: str, op: str) -> None:
     if t.device != ref.device:
-        raise ValueError(
-            f"red_kernels.{op}: argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}"
-        )
+        raise ValueError(f"red_kernels.{op}: argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}")
 
 
 def check_vector(v: Tensor | None, name: str, d: int, h: Tensor, op: str) -> None:
@@ -34,8 +32,7 @@ def check_vector(v: Tensor | None, name: str, d: int, h: Tensor, op: str) -> Non
     check_floating(v, name, op)
     if v.dim() != 1 or v.shape[0] != d:
         raise ValueError(
-            f"red_kernels.{op}: argument '{name}' must have shape [{d}] (the last dim of 'h'), "
-            f"got {list(v.shape)}"
+            f"red_kernels.{op}: argument '{name}' must have shape [{d}] (the last dim of 'h'), got {list(v.shape)}"
         )
     check_same_device(h, "h", v, name, op)
 

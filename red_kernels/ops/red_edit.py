@@ -49,8 +49,7 @@ def _check(h: Tensor, scale: Tensor | None, bias: Tensor | None) -> None:
     check_vector(bias, "bias", d, h, OP)
     if scale is not None and bias is not None and scale.dtype != bias.dtype:
         raise ValueError(
-            f"red_kernels.{OP}: argument 'bias' has dtype {bias.dtype} but 'scale' has {scale.dtype}; "
-            "they must match"
+            f"red_kernels.{OP}: argument 'bias' has dtype {bias.dtype} but 'scale' has {scale.dtype}; they must match"
         )
 
 

@@ -19,9 +19,7 @@ from red_kernels.triton._utils import block_d
 
 
 @triton.jit
-def _red_edit_fwd_kernel(
-    h_ptr, s_ptr, b_ptr, out_ptr, M, D, h_stride, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
-):
+def _red_edit_fwd_kernel(h_ptr, s_ptr, b_ptr, out_ptr, M, D, h_stride, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
