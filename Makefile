@@ -8,7 +8,7 @@ TRITON_SPEC ?= triton==3.7.1
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.red_kernels_setup
 
-.PHONY: setup build demo test test-fast bench lint format clean
+.PHONY: setup build demo test bench lint format clean
 
 setup: $(STAMP)
 
@@ -29,9 +29,15 @@ demo: setup
 test: setup
 	$(PY) -m pytest python_tests -q $(PYTEST_ARGS)
 
+# BENCH_TAG names the result files; e.g. make bench BENCH_ENV="THP_MEM_ALLOC_ENABLE=1" BENCH_TAG=thp
+BENCH_TAG ?= latest
+BENCH_ENV ?=
 bench: setup
-	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/latest.json $(PYTEST_ARGS)
-	$(PY) benchmarks/report.py benchmarks/results/latest.json
+	$(PY) -m pip install -q matplotlib || echo "matplotlib not installed: no plot"
+	env -u TRITON_INTERPRET $(BENCH_ENV) $(PY) -m pytest benchmarks -q --benchmark-only \
+		--benchmark-json=benchmarks/results/$(BENCH_TAG).json $(PYTEST_ARGS)
+	$(PY) benchmarks/report.py benchmarks/results/$(BENCH_TAG).json --plot benchmarks/results/$(BENCH_TAG).png \
+		| tee benchmarks/results/$(BENCH_TAG).md
 
 lint: setup
 	$(VENV)/bin/ruff check red_kernels python_tests benchmarks setup.py
