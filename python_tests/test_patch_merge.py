@@ -141,3 +141,12 @@ def test_merge_without_new_biases_is_silent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rk.merge_model(model)
+
+
+def test_merge_refuses_non_float_weights_and_leaves_the_patch():
+    holder = nn.Sequential(nn.Linear(4, 4))
+    rk.patch_model(holder, "red", targets=["0"])
+    holder[0].weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)  # "quantized"
+    with pytest.raises(ValueError, match="cannot fold"):
+        rk.merge_model(holder)
+    assert rk.patch.patch_state(holder) is not None and isinstance(holder[0].red_edit, rk.nn.REDEdit)

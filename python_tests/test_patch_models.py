@@ -3,6 +3,7 @@ GPT-2, and look-alikes recognised by structure (Mistral, Qwen2, BERT)."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -272,3 +273,22 @@ def test_state_dict_keys_sit_beside_the_target():
         for k in new
     )
     assert [k for k in keys if k in base_keys] == base_keys
+
+
+def test_deepcopy_of_a_patched_model_is_independent():
+    model = TINY["gpt2"]()
+    rk.patch_model(model, "red")
+    randomize_edits(model)
+    twin = copy.deepcopy(model)
+    inputs = inputs_for(model)
+    with torch.no_grad():
+        assert torch.equal(logits(twin, inputs), logits(model, inputs))
+    rk.unpatch_model(twin)
+    assert rk.patch.patch_state(model) is not None and model.transformer.h[0].mlp.c_proj.red_edit is not None
+    assert not any(m._forward_hooks for m in twin.modules())
+
+
+def test_a_hand_built_wrapper_is_not_a_patch():
+    model = nn.Sequential(rk.nn.REDWrapped(nn.Linear(4, 4), rk.nn.REDEdit(4)), nn.Linear(4, 4))
+    rk.patch_model(model, "red", targets=["1"])
+    assert rk.patch.patch_state(model).targets == ["1"]

@@ -128,7 +128,8 @@ def plan_patch(
 ) -> tuple[str, list[str], dict[str, int], list[str]]:
     """Validate a patch without changing the model: (architecture, targets, dims, trainable modules)."""
     _check_method(method)
-    if patch_state(model) is not None or any(isinstance(m, REDEdit) for m in model.modules()):
+    # A hand-built REDWrapped is not a patch; an editor child named red_edit is.
+    if patch_state(model) is not None or any(isinstance(m._modules.get(EDITOR_ATTR), REDEdit) for m in model.modules()):
         state = patch_state(model)
         what = f" with method {state.method!r} on {len(state.targets)} modules" if state else ""
         raise ValueError(
@@ -358,6 +359,14 @@ def merge_model(model: nn.Module) -> nn.Module:
     group get zero biases, so ``save_pretrained`` / ``from_pretrained`` of transformers reload the
     merged model; otherwise a warning names the layers whose bias only lives in memory."""
     state = _require_patched(model, "merge_model")
+    for name in state.targets:  # check every layer first, so a refusal leaves the model patched
+        weight = model.get_submodule(name).weight
+        if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point:
+            raise ValueError(
+                f"red_kernels.merge_model: cannot fold into {name!r}: its weight is a "
+                f"{type(weight).__name__} of {weight.dtype} (quantized or wrapped); merge into a "
+                "floating-point copy of the base model, or keep the patched model"
+            )
     gained = []
     for name in state.targets:
         module = model.get_submodule(name)
