@@ -69,7 +69,8 @@ def test_merge_linear_without_bias_gets_one():
     s, c = lin.red_edit.scale.detach().clone(), lin.red_edit.bias.detach().clone()
     w = lin.weight.detach().clone()
     rk.merge_model(holder)
-    assert isinstance(lin.bias, nn.Parameter) and not lin.bias.requires_grad
+    assert isinstance(lin.bias, nn.Parameter) and lin.bias.requires_grad  # like the restored weight
+    assert lin.weight.requires_grad
     torch.testing.assert_close(lin.weight, w * s[:, None], rtol=0, atol=0)
     torch.testing.assert_close(lin.bias, c, rtol=0, atol=0)
     with torch.no_grad():

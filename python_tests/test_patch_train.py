@@ -148,3 +148,31 @@ def test_torch_compile_of_a_patched_model():
     torch.testing.assert_close(
         model.model.layers[0].mlp.down_proj.red_edit.scale.grad, eager_grads[0], rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backends_follow_the_reference_trajectory(dtype):
+    from _helpers import gpu_backends
+
+    def run(backend):
+        torch.manual_seed(0)
+        model = TINY["llama"]().to("cuda", dtype)
+        rk.patch_model(model, "red+", backend=backend)
+        model.train()
+        inputs = {k: v.cuda() for k, v in inputs_for(model).items()}
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+        losses = []
+        for _ in range(4):
+            opt.zero_grad()
+            loss = model(**inputs).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return torch.tensor(losses)
+
+    ref = run("reference")
+    assert ref[-1] < ref[0]
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for backend in gpu_backends():
+        torch.testing.assert_close(run(backend), ref, rtol=tol, atol=tol, msg=lambda m, b=backend: f"{b}: {m}")

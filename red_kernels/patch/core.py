@@ -373,6 +373,9 @@ def merge_model(model: nn.Module) -> nn.Module:
         if _fold(module, getattr(module, EDITOR_ATTR)):
             gained.append(name)
     _remove_patch(model, state)
+    for name in gained:  # a new bias trains (or not) like the weight it was folded beside
+        module = model.get_submodule(name)
+        module.bias.requires_grad_(module.weight.requires_grad)
     orphan = _apply_bias_switches(model, state.architecture, gained)
     if orphan and getattr(model, "config", None) is not None:
         warnings.warn(
