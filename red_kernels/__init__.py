@@ -9,12 +9,23 @@ from red_kernels.ops import red_edit, red_edit_reference
 
 __version__ = "0.1.0"
 
+from red_kernels import nn  # noqa: E402  (nn.REDEdit, ...)
+from red_kernels.adapters import load_adapter, save_adapter  # noqa: E402
+from red_kernels.patch import merge_model, patch_model, trainable_parameters, unpatch_model  # noqa: E402
+
 __all__ = [
     "BackendInfo",
     "__version__",
     "backend_info",
     "backends",
+    "load_adapter",
+    "merge_model",
+    "nn",
+    "patch_model",
     "red_edit",
     "red_edit_reference",
+    "save_adapter",
+    "trainable_parameters",
+    "unpatch_model",
     "use_backend",
 ]

@@ -1,0 +1,5 @@
+"""Drop-in ``torch.nn`` modules built on the red_kernels ops."""
+
+from red_kernels.nn.red import REDEdit, REDWrapped
+
+__all__ = ["REDEdit", "REDWrapped"]

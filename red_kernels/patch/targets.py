@@ -1,0 +1,168 @@
+"""Per-architecture default targets of RED and RED+, module-name patterns, and detection.
+
+A target is a module whose output RED edits: a ``torch.nn.Linear`` or a Hugging Face ``Conv1D``
+(GPT-2's transposed linear). Patterns are matched against the names of ``model.named_modules()``.
+
+User patterns (``targets=`` / ``trainable=``): a glob (``fnmatch``, where ``*`` also crosses dots)
+matched against the full name or any dotted suffix of it, so ``"mlp.down_proj"`` matches
+``model.layers.3.mlp.down_proj``; or ``"re:<regex>"``, a regular expression that must match the full
+name. The default tables below use regular expressions, so that RoBERTa's FFN ``layer.N.output.dense``
+does not also match the attention's ``layer.N.attention.output.dense``.
+
+Detection is structural: an architecture is recognised when every required target pattern of the
+method matches a module, so layouts shared by other models work (Mistral, Qwen2, Gemma use LLaMA's
+names; BERT, XLM-R, ELECTRA use RoBERTa's; mT5 uses T5's). ``config.model_type`` only decides the
+order in which the tables are tried.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+METHODS = ("red", "red+")
+_ANY_PREFIX = r"(?:.*\.)?"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A regular expression (full match) naming target modules; ``required`` ones must exist."""
+
+    regex: str
+    required: bool = True
+
+    def matches(self, name: str) -> bool:
+        return re.fullmatch(self.regex, name) is not None
+
+
+@dataclass(frozen=True)
+class BiasSwitch:
+    """A config flag that gives a group of Linear layers a bias (e.g. LLaMA's ``mlp_bias``).
+
+    After :func:`red_kernels.merge_model` adds a bias to one layer of the group, every layer of the
+    group gets one (zeros where there was none) and the flag is set, so the merged model loads with
+    ``from_pretrained`` of transformers alone."""
+
+    config_attr: str
+    regex: str
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    model_types: tuple[str, ...]
+    red: tuple[Target, ...]
+    red_plus: tuple[Target, ...]
+    bias_switches: tuple[BiasSwitch, ...] = field(default=())
+
+    def targets(self, method: str) -> tuple[Target, ...]:
+        return self.red if method == "red" else self.red + self.red_plus
+
+    def describe(self) -> str:
+        red = ", ".join(_short(t.regex) for t in self.red)
+        plus = ", ".join(_short(t.regex) for t in self.red_plus)
+        return f"{self.name} (model_type {', '.join(self.model_types)}): red = {red}; red+ adds {plus}"
+
+
+def _short(regex: str) -> str:
+    """A readable form of a table regex for error messages."""
+    return regex.removeprefix(_ANY_PREFIX).replace(r"\d+", "N").replace("\\.", ".")
+
+
+def _t(suffix: str, required: bool = True) -> Target:
+    return Target(_ANY_PREFIX + suffix, required)
+
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (
+    ArchSpec(
+        name="llama",
+        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"),
+        red=(_t(r"layers\.\d+\.mlp\.down_proj"),),
+        red_plus=tuple(_t(rf"layers\.\d+\.self_attn\.{p}_proj") for p in "qkvo"),
+        bias_switches=(
+            BiasSwitch("mlp_bias", _ANY_PREFIX + r"layers\.\d+\.mlp\.(?:gate|up|down)_proj"),
+            BiasSwitch("attention_bias", _ANY_PREFIX + r"layers\.\d+\.self_attn\.[qkvo]_proj"),
+        ),
+    ),
+    ArchSpec(
+        name="roberta",
+        model_types=("roberta", "bert", "xlm-roberta", "camembert", "electra"),
+        # The FFN output projection, before dropout, the residual add and LayerNorm.
+        red=(_t(r"layer\.\d+\.output\.dense"),),
+        red_plus=(
+            *(_t(rf"layer\.\d+\.attention\.self\.{p}") for p in ("query", "key", "value")),
+            _t(r"layer\.\d+\.attention\.output\.dense"),
+        ),
+    ),
+    ArchSpec(
+        name="t5",
+        model_types=("t5", "mt5", "umt5"),
+        red=(_t(r"block\.\d+\.layer\.\d+\.DenseReluDense\.wo"),),
+        red_plus=(
+            *(_t(rf"block\.\d+\.layer\.\d+\.SelfAttention\.{p}") for p in "qkvo"),
+            # Cross-attention exists only in the decoder (absent from T5EncoderModel).
+            *(_t(rf"block\.\d+\.layer\.\d+\.EncDecAttention\.{p}", required=False) for p in "qkvo"),
+        ),
+    ),
+    ArchSpec(
+        name="gpt2",
+        model_types=("gpt2",),
+        red=(_t(r"h\.\d+\.mlp\.c_proj"),),
+        # c_attn is q|k|v fused: one vector of 3 * d edits all three.
+        red_plus=(_t(r"h\.\d+\.attn\.c_attn"), _t(r"h\.\d+\.attn\.c_proj")),
+    ),
+)
+
+ARCH_BY_NAME = {a.name: a for a in ARCHITECTURES}
+
+
+def supported_text() -> str:
+    return "\n".join("  - " + a.describe() for a in ARCHITECTURES)
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """User pattern semantics (see the module docstring)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
+def match_names(patterns: Iterable[str], names: Sequence[str]) -> dict[str, list[str]]:
+    """For each pattern, the names it matches (in ``names`` order)."""
+    return {p: [n for n in names if pattern_matches(p, n)] for p in patterns}
+
+
+def table_match(spec: ArchSpec, method: str, names: Sequence[str]) -> list[str] | None:
+    """Target names of ``spec`` for ``method`` among ``names``, or None if a required target is absent."""
+    chosen: list[str] = []
+    for target in spec.targets(method):
+        hits = [n for n in names if target.matches(n)]
+        if target.required and not hits:
+            return None
+        chosen.extend(hits)
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(set(chosen), key=order.__getitem__)
+
+
+def detect(model: nn.Module, method: str, names: Sequence[str]) -> tuple[ArchSpec, list[str]]:
+    """The architecture table that fits ``model`` and its target names for ``method``.
+
+    Raises ValueError listing the supported layouts and how to pass ``targets=`` when none fits."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    ordered = sorted(ARCHITECTURES, key=lambda a: model_type not in a.model_types)
+    for spec in ordered:
+        chosen = table_match(spec, method, names)
+        if chosen:
+            return spec, chosen
+    raise ValueError(
+        f"red_kernels.patch_model: no default {method!r} targets for {type(model).__name__} "
+        f"(model_type {model_type!r}): its module names match none of the supported layouts:\n"
+        f"{supported_text()}\n"
+        "Pass the modules to edit explicitly, e.g. targets=['mlp.down_proj'] (a glob matched against "
+        "module names and their dotted suffixes) or targets=['re:.*layers\\.\\d+\\.mlp\\.down_proj'] "
+        "(a full-match regular expression); each target must be a Linear or Conv1D."
+    )
