@@ -50,8 +50,8 @@ void launch_column_sum(const A* part, A* out, int64_t nblocks, int64_t d, cudaSt
 
 // seg is a device array of nseg + 1 nondecreasing row offsets into part.
 template <typename A>
-void launch_segmented_column_sum(const A* part, const int64_t* seg, A* out, int64_t nseg,
-                                 int64_t d, cudaStream_t stream) {
+void launch_segmented_column_sum(const A* part, const int64_t* seg, A* out, int64_t nseg, int64_t d,
+                                 cudaStream_t stream) {
   constexpr int threads = 256;
   const int64_t blocks = (d + threads - 1) / threads;
   if (blocks == 0 || nseg == 0) return;

@@ -4,7 +4,8 @@
 //   gathered_red_edit_fwd(h[..., d], scales[K, d]?, biases[K, d]?, tenant_ids) -> Tensor
 //     row i: h[i] * scales[t] + biases[t], t = tenant of row i; t = -1 leaves the row as it is
 //   gathered_red_edit_bwd(grad_out, h?, scales?, tenant_ids, num_tenants, need_h, need_scales,
-//                         need_biases, param_dtype) -> (grad_h, grad_scales [K, d], grad_biases [K, d])
+//                         need_biases, param_dtype) -> (grad_h, grad_scales [K, d], grad_biases [K,
+//                         d])
 // A gradient that is not needed comes back as an empty tensor. The CPU row loops are red_edit's
 // (red_edit_cpu_kernels.inc), called with each run of rows' tenant vectors.
 #include "gathered_red_edit/gathered_red_edit.h"
@@ -252,8 +253,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cpu(
   const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = grad_out.options();
   at::Tensor grad_h = need_h ? empty_output(grad_out.sizes(), opts) : at::empty({0}, opts);
-  at::Tensor sum_gh = at::zeros({need_scales ? K : 0, d}, opts.dtype(acc));
-  at::Tensor sum_g = at::zeros({need_biases ? K : 0, d}, opts.dtype(acc));
+  // Gradients that are not needed come back as empty [0] tensors (the fake impl's shape).
+  at::Tensor sum_gh =
+      need_scales ? at::zeros({K, d}, opts.dtype(acc)) : at::empty({0}, opts.dtype(acc));
+  at::Tensor sum_g =
+      need_biases ? at::zeros({K, d}, opts.dtype(acc)) : at::empty({0}, opts.dtype(acc));
   const at::Tensor g = as_rows(grad_out);
   const int64_t m = g.size(0);
   if (m == 0 || d == 0 || !(need_h || need_scales || need_biases)) {
@@ -298,15 +302,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cpu(
                     const int64_t r0 = gathered_sorted_row(order, p, T);
                     const int64_t len = std::min(chunk_end[c] - p, T - p % T);
                     if (t >= 0) {
-                      RK_ISA_CALL(
-                          bwd_rows<scalar_t RK_COMMA A RK_COMMA NH RK_COMMA NS RK_COMMA NB>, gp,
-                          g_stride, hp, h_stride, sp + t * s_ts, ghp, NS ? pgh + c * d : nullptr,
-                          NB ? pg + c * d : nullptr, d, r0, r0 + len);
-                    } else if constexpr (NH) {
-                      RK_ISA_CALL(bwd_rows<scalar_t RK_COMMA A RK_COMMA true RK_COMMA false RK_COMMA
-                                               false>,
-                                  gp, g_stride, nullptr, 0, one, ghp, nullptr, nullptr, d, r0,
+                      RK_ISA_CALL(bwd_rows<scalar_t RK_COMMA A RK_COMMA NH RK_COMMA NS RK_COMMA NB>,
+                                  gp, g_stride, hp, h_stride, sp + t * s_ts, ghp,
+                                  NS ? pgh + c * d : nullptr, NB ? pg + c * d : nullptr, d, r0,
                                   r0 + len);
+                    } else if constexpr (NH) {
+                      RK_ISA_CALL(
+                          bwd_rows<scalar_t RK_COMMA A RK_COMMA true RK_COMMA false RK_COMMA false>,
+                          gp, g_stride, nullptr, 0, one, ghp, nullptr, nullptr, d, r0, r0 + len);
                     }
                     p += len;
                   }
@@ -316,8 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cpu(
           });
         });
         // Second stage: tenant t sums its chunks seg[t] .. seg[t + 1] - 1 in order.
-        if (need_scales)
-          segmented_column_sum_cpu<A>(pgh, seg, K, d, sum_gh.mutable_data_ptr<A>());
+        if (need_scales) segmented_column_sum_cpu<A>(pgh, seg, K, d, sum_gh.mutable_data_ptr<A>());
         if (need_biases) segmented_column_sum_cpu<A>(pg, seg, K, d, sum_g.mutable_data_ptr<A>());
       });
   return {grad_h, sum_gh.to(param_dtype), sum_g.to(param_dtype)};

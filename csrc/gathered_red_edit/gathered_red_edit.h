@@ -17,8 +17,8 @@ namespace red_kernels {
 RK_HD int64_t gathered_unit_of_row(int64_t r, int64_t rows_per_unit) { return r / rows_per_unit; }
 
 // Backward plan: units are sorted by tenant (stable counting sort, the unedited -1 units last) and
-// the sorted rows are cut into chunks of at most rows_per_chunk rows that never mix tenants. Stage 1
-// gives every tenant chunk one [d] row of fp32 partial sums; stage 2 sums tenant t's chunks
+// the sorted rows are cut into chunks of at most rows_per_chunk rows that never mix tenants. Stage
+// 1 gives every tenant chunk one [d] row of fp32 partial sums; stage 2 sums tenant t's chunks
 // seg[t] .. seg[t + 1] - 1 in order. The chunking depends on the ids and shapes only (not on thread
 // or SM counts), so the gradients have the same bits on every run, without atomics.
 //
@@ -35,15 +35,16 @@ RK_HD int64_t gathered_sorted_row(const int64_t* order, int64_t p, int64_t rows_
 namespace red_kernels {
 
 // Host plan (see above). `table` is one int64 tensor holding, in this order:
-//   order [units] | chunk_tenant [nchunks] | chunk_begin [nchunks] | chunk_end [nchunks] | seg [K+1]
+//   order [units] | chunk_tenant [nchunks] | chunk_begin [nchunks] | chunk_end [nchunks] | seg
+//   [K+1]
 // so a CUDA caller moves it to the device with one copy. Tenant chunks come first (tenant order),
 // then the chunks of unedited rows (chunk_tenant -1), which only produce grad_h.
 struct GatheredPlan {
   at::Tensor table;
   int64_t units = 0;
-  int64_t nchunks = 0;         // all chunks
-  int64_t tenant_chunks = 0;   // chunks [0, tenant_chunks) belong to tenants 0..K-1
-  int64_t num_tenants = 0;     // K
+  int64_t nchunks = 0;        // all chunks
+  int64_t tenant_chunks = 0;  // chunks [0, tenant_chunks) belong to tenants 0..K-1
+  int64_t num_tenants = 0;    // K
   int64_t rows_per_unit = 1;
 };
 

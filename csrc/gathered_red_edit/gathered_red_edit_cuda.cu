@@ -49,15 +49,12 @@ __global__ void gathered_fwd_kernel(const T* __restrict__ h, int64_t h_stride,
 // Stage 1: block (kBwdCols, kBwdLanes) owns kBwdCols columns of one chunk of the plan (rows of one
 // tenant); writes grad_h there and, for tenant chunks, one partial column sum per output.
 template <typename T, typename A, bool NH, bool NS, bool NB>
-__global__ void gathered_bwd_kernel(const T* __restrict__ g, int64_t g_stride,
-                                    const T* __restrict__ h, int64_t h_stride,
-                                    const A* __restrict__ scales, int64_t s_ts,
-                                    const int64_t* __restrict__ order,
-                                    const int64_t* __restrict__ chunk_tenant,
-                                    const int64_t* __restrict__ chunk_begin,
-                                    const int64_t* __restrict__ chunk_end, int64_t rows_per_unit,
-                                    T* __restrict__ grad_h, A* __restrict__ part_gh,
-                                    A* __restrict__ part_g, int64_t d) {
+__global__ void gathered_bwd_kernel(
+    const T* __restrict__ g, int64_t g_stride, const T* __restrict__ h, int64_t h_stride,
+    const A* __restrict__ scales, int64_t s_ts, const int64_t* __restrict__ order,
+    const int64_t* __restrict__ chunk_tenant, const int64_t* __restrict__ chunk_begin,
+    const int64_t* __restrict__ chunk_end, int64_t rows_per_unit, T* __restrict__ grad_h,
+    A* __restrict__ part_gh, A* __restrict__ part_g, int64_t d) {
   __shared__ A sh_gh[kBwdLanes][kBwdCols + 1];
   __shared__ A sh_g[kBwdLanes][kBwdCols + 1];
   const int64_t c = blockIdx.x;
@@ -126,10 +123,10 @@ void launch_bwd(bool nh, bool ns, bool nb, const T* g, int64_t gs, const T* h, i
                 A* pgh, A* pg, int64_t d, cudaStream_t st) {
   const int code = (nh ? 4 : 0) | (ns ? 2 : 0) | (nb ? 1 : 0);
   switch (code) {
-#define RK_CASE(c, NH, NS, NB)                                                                   \
-  case c:                                                                                        \
+#define RK_CASE(c, NH, NS, NB)                                                                  \
+  case c:                                                                                       \
     launch_bwd_flags<T, A, NH, NS, NB>(g, gs, h, hs, s, s_ts, pp, nchunks, rpu, gh, pgh, pg, d, \
-                                       st);                                                      \
+                                       st);                                                     \
     break;
     RK_CASE(1, false, false, true)
     RK_CASE(2, false, true, false)
@@ -166,11 +163,10 @@ at::Tensor gathered_red_edit_fwd_cuda(const at::Tensor& h, const c10::optional<a
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, h.scalar_type(), "gathered_red_edit_fwd_cuda", [&] {
         using A = acc_t<scalar_t>;
-        launch_fwd<scalar_t, A>(rows.const_data_ptr<scalar_t>(), rows.stride(0),
-                                ids.const_data_ptr<int64_t>(), T, S.const_data_ptr<A>(), s_ts,
-                                B.const_data_ptr<A>(), b_ts, ones.const_data_ptr<A>(),
-                                zeros.const_data_ptr<A>(), out.mutable_data_ptr<scalar_t>(),
-                                rows.size(0), d, stream);
+        launch_fwd<scalar_t, A>(
+            rows.const_data_ptr<scalar_t>(), rows.stride(0), ids.const_data_ptr<int64_t>(), T,
+            S.const_data_ptr<A>(), s_ts, B.const_data_ptr<A>(), b_ts, ones.const_data_ptr<A>(),
+            zeros.const_data_ptr<A>(), out.mutable_data_ptr<scalar_t>(), rows.size(0), d, stream);
       });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -191,8 +187,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cuda(
   at::Tensor grad_h =
       need_h ? at::empty(grad_out.sizes(), opts.memory_format(at::MemoryFormat::Contiguous))
              : at::empty({0}, opts);
-  at::Tensor sum_gh = at::zeros({need_scales ? K : 0, d}, opts.dtype(acc));
-  at::Tensor sum_g = at::zeros({need_biases ? K : 0, d}, opts.dtype(acc));
+  // Gradients that are not needed come back as empty [0] tensors (the fake impl's shape).
+  at::Tensor sum_gh =
+      need_scales ? at::zeros({K, d}, opts.dtype(acc)) : at::empty({0}, opts.dtype(acc));
+  at::Tensor sum_g =
+      need_biases ? at::zeros({K, d}, opts.dtype(acc)) : at::empty({0}, opts.dtype(acc));
   const at::Tensor g = as_rows(grad_out);
   const int64_t m = g.size(0);
   if (m == 0 || d == 0 || !(need_h || need_scales || need_biases)) {

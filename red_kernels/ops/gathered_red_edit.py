@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from red_kernels._backend import requested_backend, resolve
-from red_kernels.ops._common import acc_dtype, check_floating, check_same_device, empty_unless
+from red_kernels.ops._common import acc_dtype, check_floating, check_same_device, empty_unless, leading_size
 
 OP = "gathered_red_edit"
 
@@ -139,14 +139,12 @@ def _with_identity_row(table: Tensor, fill: float, acc: torch.dtype) -> Tensor:
     return torch.cat([t.new_full((1, t.shape[1]), fill), t])
 
 
-def gathered_red_edit_reference(
-    h: Tensor, scales: Tensor | None, biases: Tensor | None, tenant_ids: Tensor
-) -> Tensor:
+def gathered_red_edit_reference(h: Tensor, scales: Tensor | None, biases: Tensor | None, tenant_ids: Tensor) -> Tensor:
     """Eager, differentiable ground truth: gather each row's vectors, edit in fp32, cast to h's dtype."""
     acc = acc_dtype(h.dtype)
     d = h.shape[-1]
     slot = row_tenants(h, tenant_ids) + 1
-    y = h.to(acc).reshape(-1, d)
+    y = h.to(acc).reshape(leading_size(h), d)
     if scales is not None:
         y = y * _with_identity_row(scales, 1.0, acc)[slot]
     if biases is not None:
@@ -166,7 +164,7 @@ def _bwd_reference(grad_out, h, scales, tenant_ids, num_tenants, need_h, need_sc
     check_id_values(tenant_ids, num_tenants)
     d = grad_out.shape[-1]
     acc = acc_dtype(grad_out.dtype)
-    g = grad_out.to(acc).reshape(-1, d)
+    g = grad_out.to(acc).reshape(leading_size(grad_out), d)
     tenant = row_tenants(grad_out, tenant_ids)
     grad_h = empty_unless(False, grad_out, ())
     if need_h:
@@ -174,7 +172,7 @@ def _bwd_reference(grad_out, h, scales, tenant_ids, num_tenants, need_h, need_sc
         grad_h = gh.reshape(grad_out.shape).to(grad_out.dtype).clone(memory_format=torch.contiguous_format)
     grad_scales = g.new_zeros((num_tenants, d) if need_scales else (0,))
     grad_biases = g.new_zeros((num_tenants, d) if need_biases else (0,))
-    hr = h.to(acc).reshape(-1, d) if need_scales else None
+    hr = h.to(acc).reshape(leading_size(h), d) if need_scales else None
     # One fixed-order column sum per present tenant: deterministic, no scatter-add.
     for k in torch.unique(tenant[tenant >= 0]).tolist():
         rows = tenant == k

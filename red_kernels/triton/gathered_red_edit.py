@@ -187,12 +187,15 @@ def gathered_red_edit_bwd(
     grad_h = empty_unless(need_h, grad_out, tuple(grad_out.shape))
     g = as_rows(grad_out)
     m = g.shape[0]
-    zeros = grad_out.new_zeros((num_tenants, d), dtype=param_dtype)
+
+    def unneeded():
+        return grad_out.new_empty(0, dtype=param_dtype)
+
     if m == 0 or d == 0 or not (need_h or need_scales or need_biases):
         return (
             grad_h,
-            zeros if need_scales else zeros.new_empty(0),
-            zeros if need_biases else zeros.new_empty(0),
+            grad_out.new_zeros((num_tenants, d), dtype=param_dtype) if need_scales else unneeded(),
+            grad_out.new_zeros((num_tenants, d), dtype=param_dtype) if need_biases else unneeded(),
         )
     hr = as_rows(h) if need_scales else g
     if triton_interpreting():
@@ -232,6 +235,6 @@ def gathered_red_edit_bwd(
             BLOCK_D=bd,
         )
     seg = plan[units + 3 * nchunks :]
-    grad_scales = column_sum(part_gh, seg).to(param_dtype) if need_scales else zeros.new_empty(0)
-    grad_biases = column_sum(part_g, seg).to(param_dtype) if need_biases else zeros.new_empty(0)
+    grad_scales = column_sum(part_gh, seg).to(param_dtype) if need_scales else unneeded()
+    grad_biases = column_sum(part_g, seg).to(param_dtype) if need_biases else unneeded()
     return grad_h, grad_scales, grad_biases
