@@ -5,7 +5,7 @@ initialises CUDA: backends are probed lazily, when an op first runs or :func:`ba
 """
 
 from red_kernels._backend import BackendInfo, backend_info, backends, use_backend
-from red_kernels.ops import red_edit, red_edit_reference
+from red_kernels.ops import gathered_red_edit, gathered_red_edit_reference, red_edit, red_edit_reference
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,8 @@ __all__ = [
     "__version__",
     "backend_info",
     "backends",
+    "gathered_red_edit",
+    "gathered_red_edit_reference",
     "load_adapter",
     "merge_model",
     "nn",

@@ -18,6 +18,7 @@
 
 #include "common/alloc.h"
 #include "common/checks.h"
+#include "common/column_sum_cpu.h"
 #include "common/cpu_isa.h"
 
 namespace red_kernels {
@@ -160,16 +161,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_cpu(
             });
           });
           // Second stage: fixed-order sum over blocks, parallel over columns.
-          A* sgh = need_scale ? sum_gh.mutable_data_ptr<A>() : nullptr;
-          A* sg = need_bias ? sum_g.mutable_data_ptr<A>() : nullptr;
-          at::parallel_for(0, d, 1024, [&](int64_t c0, int64_t c1) {
-            for (int64_t blk = 0; blk < nblocks; ++blk) {
-              for (int64_t j = c0; j < c1; ++j) {
-                if (sgh) sgh[j] += pgh[blk * d + j];
-                if (sg) sg[j] += pg[blk * d + j];
-              }
-            }
-          });
+          const int64_t seg[2] = {0, nblocks};
+          if (need_scale) segmented_column_sum_cpu<A>(pgh, seg, 1, d, sum_gh.mutable_data_ptr<A>());
+          if (need_bias) segmented_column_sum_cpu<A>(pg, seg, 1, d, sum_g.mutable_data_ptr<A>());
         });
   }
   return {grad_h, sum_gh.to(param_dtype), sum_g.to(param_dtype)};

@@ -81,24 +81,39 @@ def _red_edit_bwd_kernel(
 
 
 @triton.jit
-def _column_sum_kernel(part_ptr, out_ptr, NB, D, BLOCK_D: tl.constexpr):
-    # Stage 2: out[j] = sum over row blocks of part[b, j], in a fixed order (deterministic).
+def _column_sum_kernel(part_ptr, out_ptr, seg_ptr, NB, D, SEGMENTED: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Stage 2: out[s, j] = sum of part[b, j] over the rows b of segment s, in a fixed order
+    # (deterministic). Unsegmented: one segment, all NB rows.
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
-    total = tl.load(part_ptr + cols, mask=cmask, other=0.0)
-    for b in range(1, NB):
+    seg = tl.program_id(1)
+    if SEGMENTED:
+        b0 = tl.load(seg_ptr + seg)
+        b1 = tl.load(seg_ptr + seg + 1)
+    else:
+        b0 = 0
+        b1 = NB
+    total = tl.zeros([BLOCK_D], dtype=out_ptr.dtype.element_ty)
+    for b in range(b0, b1):
         total += tl.load(part_ptr + b * D + cols, mask=cmask, other=0.0)
-    tl.store(out_ptr + cols, total, mask=cmask)
+    tl.store(out_ptr + seg * D + cols, total, mask=cmask)
 
 
-def column_sum(part: Tensor) -> Tensor:
-    """Deterministic sum over dim 0 of a contiguous [nblocks, d] partial-sum buffer."""
+def column_sum(part: Tensor, segments: Tensor | None = None) -> Tensor:
+    """Deterministic column sums of a contiguous [nblocks, d] partial-sum buffer.
+
+    ``segments`` None: the sum over all rows, [d]. Else an int64 [S + 1] tensor of nondecreasing
+    row offsets on part's device: row s of the [S, d] result sums rows ``segments[s]`` to
+    ``segments[s + 1] - 1`` (zero for an empty segment).
+    """
     nb, d = part.shape
-    out = part.new_zeros(d)
-    if nb == 0 or d == 0:
+    nseg = 1 if segments is None else segments.numel() - 1
+    out = part.new_zeros(d) if segments is None else part.new_zeros((nseg, d))
+    if d == 0 or nseg == 0 or (segments is None and nb == 0):
         return out
     bd = block_d(d, 1024)
-    _column_sum_kernel[(triton.cdiv(d, bd),)](part, out, nb, d, BLOCK_D=bd)
+    seg = segments if segments is not None else part  # unused pointer when unsegmented
+    _column_sum_kernel[(triton.cdiv(d, bd), nseg)](part, out, seg, nb, d, SEGMENTED=segments is not None, BLOCK_D=bd)
     return out
 
 

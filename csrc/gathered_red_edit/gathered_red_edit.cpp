@@ -1,0 +1,345 @@
+// gathered_red_edit: operator schemas (red_kernels_C namespace), the host checks and backward plan
+// shared with the CUDA kernels, and the CPU kernels.
+//
+//   gathered_red_edit_fwd(h[..., d], scales[K, d]?, biases[K, d]?, tenant_ids) -> Tensor
+//     row i: h[i] * scales[t] + biases[t], t = tenant of row i; t = -1 leaves the row as it is
+//   gathered_red_edit_bwd(grad_out, h?, scales?, tenant_ids, num_tenants, need_h, need_scales,
+//                         need_biases, param_dtype) -> (grad_h, grad_scales [K, d], grad_biases [K,
+//                         d])
+// A gradient that is not needed comes back as an empty tensor. The CPU row loops are red_edit's
+// (red_edit_cpu_kernels.inc), called with each run of rows' tenant vectors.
+#include "gathered_red_edit/gathered_red_edit.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "common/alloc.h"
+#include "common/checks.h"
+#include "common/column_sum_cpu.h"
+#include "common/cpu_isa.h"
+
+namespace red_kernels {
+
+// --- checks and plan (shared with gathered_red_edit_cuda.cu) -------------------------------------
+
+namespace {
+
+// A [K, d] tenant table of an op whose activations have last dim d.
+void check_table(const c10::optional<at::Tensor>& p, const char* name, int64_t d,
+                 const at::Tensor& h) {
+  if (!p.has_value()) return;
+  RK_CHECK_ARG(p->dim() == 2, name, "expected a 2-D tensor [num_tenants, ", d, "], got shape ",
+               p->sizes());
+  RK_CHECK_ARG(p->size(1) == d, name, "has ", p->size(1), " columns but the last dim of 'h' is ",
+               d);
+  check_floating(*p, name);
+  check_same_device(h, "h", *p, name);
+}
+
+void check_ids(const at::Tensor& ids, const at::Tensor& h, const char* h_name) {
+  RK_CHECK_ARG(ids.scalar_type() == at::kLong, "tenant_ids", "expected int64, got ",
+               ids.scalar_type());
+  RK_CHECK_ARG(ids.dim() >= 1 && ids.dim() < h.dim(), "tenant_ids", "expected shape ",
+               h.sizes().slice(0, 1), " (one id per sequence) or a longer prefix of '", h_name,
+               "'.shape[:-1] (one per token), got ", ids.sizes());
+  RK_CHECK_ARG(ids.sizes() == h.sizes().slice(0, ids.dim()), "tenant_ids", "shape ", ids.sizes(),
+               " is not a prefix of '", h_name, "'.shape[:-1] = ", h.sizes().slice(0, h.dim() - 1));
+  check_same_device(h, h_name, ids, "tenant_ids");
+}
+
+}  // namespace
+
+int64_t gathered_num_tenants(const c10::optional<at::Tensor>& scales,
+                             const c10::optional<at::Tensor>& biases) {
+  RK_CHECK_ARG(scales.has_value() || biases.has_value(), "scales",
+               "'scales' and 'biases' are both None; at least one is needed (it defines the "
+               "number of tenants)");
+  return scales.has_value() ? scales->size(0) : biases->size(0);
+}
+
+void gathered_check(const at::Tensor& h, const c10::optional<at::Tensor>& scales,
+                    const c10::optional<at::Tensor>& biases, const at::Tensor& tenant_ids) {
+  check_floating(h, "h");
+  RK_CHECK_ARG(h.dim() >= 2, "h", "expected at least 2 dims [units, ..., d] (the leading dims are ",
+               "indexed by 'tenant_ids'), got shape ", h.sizes());
+  const int64_t d = h.size(-1);
+  check_table(scales, "scales", d, h);
+  check_table(biases, "biases", d, h);
+  gathered_num_tenants(scales, biases);
+  if (scales.has_value() && biases.has_value()) {
+    RK_CHECK_ARG(biases->size(0) == scales->size(0), "biases", "has ", biases->size(0),
+                 " tenants (rows) but 'scales' has ", scales->size(0));
+    RK_CHECK_ARG(scales->scalar_type() == biases->scalar_type(), "biases", "dtype ",
+                 biases->scalar_type(), " differs from the dtype of 'scales' (",
+                 scales->scalar_type(), ")");
+  }
+  check_ids(tenant_ids, h, "h");
+}
+
+void gathered_check_id_values(const at::Tensor& ids_cpu, int64_t num_tenants) {
+  const int64_t* p = ids_cpu.const_data_ptr<int64_t>();
+  const int64_t n = ids_cpu.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    RK_CHECK_ARG(p[i] >= -1 && p[i] < num_tenants, "tenant_ids", "value ", p[i],
+                 " at flat position ", i, " is outside [-1, ", num_tenants,
+                 ") (-1 = unedited, else a row of 'scales'/'biases')");
+  }
+}
+
+void gathered_bwd_check(const at::Tensor& grad_out, const c10::optional<at::Tensor>& h,
+                        const c10::optional<at::Tensor>& scales, const at::Tensor& tenant_ids,
+                        int64_t num_tenants, bool need_scales) {
+  red_edit_bwd_check(grad_out, h, c10::nullopt, need_scales);
+  RK_CHECK_ARG(grad_out.dim() >= 2, "grad_out", "expected at least 2 dims, got shape ",
+               grad_out.sizes());
+  RK_CHECK_ARG(num_tenants >= 0, "num_tenants", "must be >= 0, got ", num_tenants);
+  check_table(scales, "scales", grad_out.size(-1), grad_out);
+  if (scales.has_value()) {
+    RK_CHECK_ARG(scales->size(0) == num_tenants, "scales", "has ", scales->size(0),
+                 " tenants (rows) but num_tenants is ", num_tenants);
+  }
+  check_ids(tenant_ids, grad_out, "grad_out");
+}
+
+int64_t gathered_rows_per_unit(const at::Tensor& h, const at::Tensor& tenant_ids) {
+  int64_t t = 1;
+  for (int64_t i = tenant_ids.dim(); i + 1 < h.dim(); ++i) t *= h.size(i);
+  return t;
+}
+
+GatheredPlan gathered_plan(const at::Tensor& ids_cpu, int64_t num_tenants, int64_t rows_per_unit,
+                           int64_t rows_per_chunk) {
+  const int64_t units = ids_cpu.numel();
+  const int64_t K = num_tenants;
+  const int64_t* ids = ids_cpu.const_data_ptr<int64_t>();
+  // Slot K holds the unedited (-1) units, so they sort after every tenant.
+  std::vector<int64_t> count(K + 1, 0);
+  for (int64_t u = 0; u < units; ++u) ++count[ids[u] < 0 ? K : ids[u]];
+  std::vector<int64_t> first_unit(K + 2, 0), first_chunk(K + 2, 0);
+  for (int64_t s = 0; s <= K; ++s) {
+    first_unit[s + 1] = first_unit[s] + count[s];
+    first_chunk[s + 1] = first_chunk[s] + ceil_div(count[s] * rows_per_unit, rows_per_chunk);
+  }
+  GatheredPlan plan;
+  plan.units = units;
+  plan.nchunks = first_chunk[K + 1];
+  plan.tenant_chunks = first_chunk[K];
+  plan.num_tenants = K;
+  plan.rows_per_unit = rows_per_unit;
+  plan.table = at::empty({units + 3 * plan.nchunks + K + 1}, ids_cpu.options());
+  int64_t* order = plan.table.mutable_data_ptr<int64_t>();
+  int64_t* tenant = order + units;
+  int64_t* begin = tenant + plan.nchunks;
+  int64_t* end = begin + plan.nchunks;
+  int64_t* seg = end + plan.nchunks;
+  std::vector<int64_t> next(first_unit.begin(), first_unit.end() - 1);
+  for (int64_t u = 0; u < units; ++u) order[next[ids[u] < 0 ? K : ids[u]]++] = u;  // stable
+  for (int64_t s = 0; s <= K; ++s) {
+    const int64_t row0 = first_unit[s] * rows_per_unit;
+    const int64_t row1 = first_unit[s + 1] * rows_per_unit;
+    for (int64_t c = first_chunk[s]; c < first_chunk[s + 1]; ++c) {
+      tenant[c] = s == K ? -1 : s;
+      begin[c] = row0 + (c - first_chunk[s]) * rows_per_chunk;
+      end[c] = std::min(row1, begin[c] + rows_per_chunk);
+    }
+    if (s < K) seg[s] = first_chunk[s];
+  }
+  seg[K] = first_chunk[K];
+  return plan;
+}
+
+at::Tensor gathered_table(const c10::optional<at::Tensor>& p, int64_t d, const at::Tensor& like,
+                          double fill, int64_t* tenant_stride) {
+  const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (p.has_value()) {
+    *tenant_stride = d;
+    return p->to(acc).contiguous();
+  }
+  *tenant_stride = 0;  // every tenant reads the same ones/zeros row
+  return at::full({1, d}, fill, like.options().dtype(acc));
+}
+
+// --- CPU kernels ------------------------------------------------------------------------------
+
+// red_edit's row loops, built for the baseline ISA and for AVX2 (see cpu_isa.h); their own
+// namespace keeps these instantiations apart from red_edit.cpp's.
+namespace gathered_isa {
+namespace base {
+#include "red_edit/red_edit_cpu_kernels.inc"
+}  // namespace base
+#if RK_HAVE_AVX2_PATH
+RK_BEGIN_AVX2
+namespace avx2 {
+#include "red_edit/red_edit_cpu_kernels.inc"
+}  // namespace avx2
+RK_END_AVX2
+#endif
+}  // namespace gathered_isa
+
+namespace {
+
+using namespace gathered_isa;
+
+template <typename F>
+void dispatch_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+at::Tensor gathered_red_edit_fwd_cpu(const at::Tensor& h, const c10::optional<at::Tensor>& scales,
+                                     const c10::optional<at::Tensor>& biases,
+                                     const at::Tensor& tenant_ids) {
+  gathered_check(h, scales, biases, tenant_ids);
+  const int64_t K = gathered_num_tenants(scales, biases);
+  const at::Tensor ids = tenant_ids.contiguous();
+  gathered_check_id_values(ids, K);
+  const int64_t d = h.size(-1);
+  at::Tensor out = empty_output(h.sizes(), h.options());
+  if (out.numel() == 0) return out;
+  const int64_t T = gathered_rows_per_unit(h, tenant_ids);
+  const at::Tensor rows = as_rows(h);
+  int64_t s_ts = 0, b_ts = 0;
+  const at::Tensor S = gathered_table(scales, d, h, 1.0, &s_ts);
+  const at::Tensor B = gathered_table(biases, d, h, 0.0, &b_ts);
+  const at::Tensor ones = red_edit_param(c10::nullopt, d, h, 1.0);
+  const at::Tensor zeros = red_edit_param(c10::nullopt, d, h, 0.0);
+  const int64_t m = rows.size(0), row_stride = rows.stride(0);
+  const int64_t grain = std::max<int64_t>(1, 32768 / d);
+  const int64_t* idp = ids.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, h.scalar_type(), "gathered_red_edit_fwd_cpu", [&] {
+        using A = acc_t<scalar_t>;
+        const scalar_t* hp = rows.const_data_ptr<scalar_t>();
+        const A* sp = S.const_data_ptr<A>();
+        const A* bp = B.const_data_ptr<A>();
+        const A* one = ones.const_data_ptr<A>();
+        const A* zero = zeros.const_data_ptr<A>();
+        scalar_t* op = out.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
+          // Runs of rows within one unit share one tenant's vectors.
+          for (int64_t r = r0; r < r1;) {
+            const int64_t u = gathered_unit_of_row(r, T);
+            const int64_t e = std::min(r1, (u + 1) * T);
+            const int64_t t = idp[u];
+            RK_ISA_CALL(fwd_rows<scalar_t RK_COMMA A>, hp, row_stride, t < 0 ? one : sp + t * s_ts,
+                        t < 0 ? zero : bp + t * b_ts, op, d, r, e);
+            r = e;
+          }
+        });
+      });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cpu(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& h,
+    const c10::optional<at::Tensor>& scales, const at::Tensor& tenant_ids, int64_t num_tenants,
+    bool need_h, bool need_scales, bool need_biases, at::ScalarType param_dtype) {
+  gathered_bwd_check(grad_out, h, scales, tenant_ids, num_tenants, need_scales);
+  const int64_t K = num_tenants;
+  const at::Tensor ids = tenant_ids.contiguous();
+  gathered_check_id_values(ids, K);
+  const int64_t d = grad_out.size(-1);
+  const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = grad_out.options();
+  at::Tensor grad_h = need_h ? empty_output(grad_out.sizes(), opts) : at::empty({0}, opts);
+  // Gradients that are not needed come back as empty [0] tensors (the fake impl's shape).
+  at::Tensor sum_gh =
+      need_scales ? at::zeros({K, d}, opts.dtype(acc)) : at::empty({0}, opts.dtype(acc));
+  at::Tensor sum_g =
+      need_biases ? at::zeros({K, d}, opts.dtype(acc)) : at::empty({0}, opts.dtype(acc));
+  const at::Tensor g = as_rows(grad_out);
+  const int64_t m = g.size(0);
+  if (m == 0 || d == 0 || !(need_h || need_scales || need_biases)) {
+    return {grad_h, sum_gh.to(param_dtype), sum_g.to(param_dtype)};
+  }
+  const int64_t T = gathered_rows_per_unit(grad_out, tenant_ids);
+  const int64_t rows_per_chunk =
+      red_edit_rows_per_block(m, 64, std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1)));
+  const GatheredPlan plan = gathered_plan(ids, K, T, rows_per_chunk);
+  const int64_t* order = plan.table.const_data_ptr<int64_t>();
+  const int64_t* chunk_tenant = order + plan.units;
+  const int64_t* chunk_begin = chunk_tenant + plan.nchunks;
+  const int64_t* chunk_end = chunk_begin + plan.nchunks;
+  const int64_t* seg = chunk_end + plan.nchunks;
+  at::Tensor part_gh = at::zeros({need_scales ? plan.tenant_chunks : 0, d}, opts.dtype(acc));
+  at::Tensor part_g = at::zeros({need_biases ? plan.tenant_chunks : 0, d}, opts.dtype(acc));
+  const at::Tensor hr = need_scales ? as_rows(*h) : at::Tensor();
+  int64_t s_ts = 0;
+  const at::Tensor S = gathered_table(scales, d, grad_out, 1.0, &s_ts);
+  const at::Tensor ones = red_edit_param(c10::nullopt, d, grad_out, 1.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad_out.scalar_type(), "gathered_red_edit_bwd_cpu", [&] {
+        using A = acc_t<scalar_t>;
+        const scalar_t* gp = g.const_data_ptr<scalar_t>();
+        const int64_t g_stride = g.stride(0);
+        const scalar_t* hp = need_scales ? hr.const_data_ptr<scalar_t>() : nullptr;
+        const int64_t h_stride = need_scales ? hr.stride(0) : 0;
+        const A* sp = S.const_data_ptr<A>();
+        const A* one = ones.const_data_ptr<A>();
+        scalar_t* ghp = need_h ? grad_h.mutable_data_ptr<scalar_t>() : nullptr;
+        A* pgh = need_scales ? part_gh.mutable_data_ptr<A>() : nullptr;
+        A* pg = need_biases ? part_g.mutable_data_ptr<A>() : nullptr;
+        dispatch_bool(need_h, [&](auto NH) {
+          dispatch_bool(need_scales, [&](auto NS) {
+            dispatch_bool(need_biases, [&](auto NB) {
+              at::parallel_for(0, plan.nchunks, 1, [&](int64_t c0, int64_t c1) {
+                for (int64_t c = c0; c < c1; ++c) {
+                  const int64_t t = chunk_tenant[c];
+                  if (t < 0 && !NH) continue;  // unedited rows only have a grad_h
+                  // Walk the chunk's sorted rows in runs that stay inside one unit (contiguous).
+                  for (int64_t p = chunk_begin[c]; p < chunk_end[c];) {
+                    const int64_t r0 = gathered_sorted_row(order, p, T);
+                    const int64_t len = std::min(chunk_end[c] - p, T - p % T);
+                    if (t >= 0) {
+                      RK_ISA_CALL(bwd_rows<scalar_t RK_COMMA A RK_COMMA NH RK_COMMA NS RK_COMMA NB>,
+                                  gp, g_stride, hp, h_stride, sp + t * s_ts, ghp,
+                                  NS ? pgh + c * d : nullptr, NB ? pg + c * d : nullptr, d, r0,
+                                  r0 + len);
+                    } else if constexpr (NH) {
+                      RK_ISA_CALL(
+                          bwd_rows<scalar_t RK_COMMA A RK_COMMA true RK_COMMA false RK_COMMA false>,
+                          gp, g_stride, nullptr, 0, one, ghp, nullptr, nullptr, d, r0, r0 + len);
+                    }
+                    p += len;
+                  }
+                }
+              });
+            });
+          });
+        });
+        // Second stage: tenant t sums its chunks seg[t] .. seg[t + 1] - 1 in order.
+        if (need_scales) segmented_column_sum_cpu<A>(pgh, seg, K, d, sum_gh.mutable_data_ptr<A>());
+        if (need_biases) segmented_column_sum_cpu<A>(pg, seg, K, d, sum_g.mutable_data_ptr<A>());
+      });
+  return {grad_h, sum_gh.to(param_dtype), sum_g.to(param_dtype)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(red_kernels_C, m) {
+  m.def(
+      "gathered_red_edit_fwd(Tensor h, Tensor? scales, Tensor? biases, Tensor tenant_ids) -> "
+      "Tensor");
+  m.def(
+      "gathered_red_edit_bwd(Tensor grad_out, Tensor? h, Tensor? scales, Tensor tenant_ids, "
+      "int num_tenants, bool need_h, bool need_scales, bool need_biases, ScalarType param_dtype) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(red_kernels_C, CPU, m) {
+  m.impl("gathered_red_edit_fwd", &gathered_red_edit_fwd_cpu);
+  m.impl("gathered_red_edit_bwd", &gathered_red_edit_bwd_cpu);
+}
+
+}  // namespace red_kernels

@@ -1,0 +1,71 @@
+// gathered_red_edit: multi-tenant RED, row i of h gets h[i] * scales[t] + biases[t] with
+// t = tenant of row i (-1: unedited). The element math is red_edit.h's; this header adds the row
+// -> tenant mapping and the host-side plan of the deterministic backward, both shared by the CPU
+// and CUDA kernels.
+//
+// Rows and units. h is viewed as rows [m, d]; tenant_ids has shape h.shape[:k] (k >= 1), so each
+// id covers a "unit" of rows_per_unit = m / units consecutive rows: a whole sequence for ids [B] on
+// h [B, T, d], a single token for packed ids [N] on h [N, d].
+#pragma once
+
+#include "common/common.h"
+#include "red_edit/red_edit.h"
+
+namespace red_kernels {
+
+// Row r of the [m, d] view belongs to unit r / rows_per_unit.
+RK_HD int64_t gathered_unit_of_row(int64_t r, int64_t rows_per_unit) { return r / rows_per_unit; }
+
+// Backward plan: units are sorted by tenant (stable counting sort, the unedited -1 units last) and
+// the sorted rows are cut into chunks of at most rows_per_chunk rows that never mix tenants. Stage
+// 1 gives every tenant chunk one [d] row of fp32 partial sums; stage 2 sums tenant t's chunks
+// seg[t] .. seg[t + 1] - 1 in order. The chunking depends on the ids and shapes only (not on thread
+// or SM counts), so the gradients have the same bits on every run, without atomics.
+//
+// Sorted row position p is row sorted_row(p) = order[p / T] * T + p % T (T = rows_per_unit).
+RK_HD int64_t gathered_sorted_row(const int64_t* order, int64_t p, int64_t rows_per_unit) {
+  return order[p / rows_per_unit] * rows_per_unit + p % rows_per_unit;
+}
+
+}  // namespace red_kernels
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace red_kernels {
+
+// Host plan (see above). `table` is one int64 tensor holding, in this order:
+//   order [units] | chunk_tenant [nchunks] | chunk_begin [nchunks] | chunk_end [nchunks] | seg
+//   [K+1]
+// so a CUDA caller moves it to the device with one copy. Tenant chunks come first (tenant order),
+// then the chunks of unedited rows (chunk_tenant -1), which only produce grad_h.
+struct GatheredPlan {
+  at::Tensor table;
+  int64_t units = 0;
+  int64_t nchunks = 0;        // all chunks
+  int64_t tenant_chunks = 0;  // chunks [0, tenant_chunks) belong to tenants 0..K-1
+  int64_t num_tenants = 0;    // K
+  int64_t rows_per_unit = 1;
+};
+
+// Checks shared by the CPU and CUDA entry points (defined in gathered_red_edit.cpp). The id values
+// are checked on the host, from `ids_cpu`, before any kernel reads memory through them.
+int64_t gathered_num_tenants(const c10::optional<at::Tensor>& scales,
+                             const c10::optional<at::Tensor>& biases);
+void gathered_check(const at::Tensor& h, const c10::optional<at::Tensor>& scales,
+                    const c10::optional<at::Tensor>& biases, const at::Tensor& tenant_ids);
+void gathered_check_id_values(const at::Tensor& ids_cpu, int64_t num_tenants);
+void gathered_bwd_check(const at::Tensor& grad_out, const c10::optional<at::Tensor>& h,
+                        const c10::optional<at::Tensor>& scales, const at::Tensor& tenant_ids,
+                        int64_t num_tenants, bool need_scales);
+// Units and rows per unit of h's [m, d] view for these ids.
+int64_t gathered_rows_per_unit(const at::Tensor& h, const at::Tensor& tenant_ids);
+// The backward plan from checked ids on the CPU.
+GatheredPlan gathered_plan(const at::Tensor& ids_cpu, int64_t num_tenants, int64_t rows_per_unit,
+                           int64_t rows_per_chunk);
+// [K, d] tenant table in the accumulation dtype (contiguous), or a [1, d] ones/zeros row with
+// tenant stride 0 when the table is absent; *tenant_stride receives the stride between tenants.
+at::Tensor gathered_table(const c10::optional<at::Tensor>& p, int64_t d, const at::Tensor& like,
+                          double fill, int64_t* tenant_stride);
+
+}  // namespace red_kernels
