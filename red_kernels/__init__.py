@@ -5,7 +5,7 @@ initialises CUDA: backends are probed lazily, when an op first runs or :func:`ba
 """
 
 from red_kernels._backend import BackendInfo, backend_info, backends, use_backend
-from red_kernels.ops import red_edit, red_edit_reference
+from red_kernels.ops import last_token_index, red_edit, red_edit_reference, seq_scale, seq_scale_reference
 
 __version__ = "0.1.0"
 
@@ -14,7 +14,10 @@ __all__ = [
     "__version__",
     "backend_info",
     "backends",
+    "last_token_index",
     "red_edit",
     "red_edit_reference",
+    "seq_scale",
+    "seq_scale_reference",
     "use_backend",
 ]

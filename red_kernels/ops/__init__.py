@@ -1,5 +1,7 @@
 """One module per op: reference, custom-op registration, autograd and backend dispatch."""
 
+from red_kernels.ops.pooling import last_token_index
 from red_kernels.ops.red_edit import red_edit, red_edit_reference
+from red_kernels.ops.seq_scale import seq_scale, seq_scale_reference
 
-__all__ = ["red_edit", "red_edit_reference"]
+__all__ = ["last_token_index", "red_edit", "red_edit_reference", "seq_scale", "seq_scale_reference"]
