@@ -51,6 +51,24 @@ void seq_scale_check(const at::Tensor& x, const at::Tensor& vec,
                " but the last dim of 'x' is ", x.size(-1));
 }
 
+void seq_scale_bwd_check(const at::Tensor& grad_out, const c10::optional<at::Tensor>& x,
+                         const at::Tensor& vec, const c10::optional<at::Tensor>& seq_index,
+                         bool need_vec) {
+  seq_scale_check(grad_out, vec, seq_index);
+  if (!need_vec) return;
+  RK_CHECK_ARG(x.has_value(), "x", "is required when need_vec is true");
+  RK_CHECK_ARG(x->sizes() == grad_out.sizes(), "x", "shape ", x->sizes(),
+               " differs from 'grad_out' ", grad_out.sizes());
+  RK_CHECK_ARG(x->scalar_type() == grad_out.scalar_type(), "x", "dtype ", x->scalar_type(),
+               " differs from 'grad_out' ", grad_out.scalar_type());
+  check_same_device(grad_out, "grad_out", *x, "x");
+}
+
+// Rows of a backward pass: B * T (dense) or N (packed), well defined when n == 0.
+int64_t seq_scale_num_rows(const at::Tensor& x, bool packed) {
+  return packed ? x.size(0) : x.size(0) * x.size(1);
+}
+
 SeqRows seq_scale_rows(const at::Tensor& x, bool packed) {
   SeqRows rows;
   rows.t = x.size(-1) > 1 && x.stride(-1) != 1 ? x.contiguous() : x;
@@ -72,8 +90,6 @@ at::Tensor seq_scale_vec_acc(const at::Tensor& vec, const at::Tensor& x) {
   return vec.to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
-namespace {
-
 // Host copy of seq_index, validated: every entry in [0, num_seqs). Runs before any kernel reads x
 // or vec through the index, so a bad index is an error, never an out-of-bounds read.
 at::Tensor seq_index_host(const at::Tensor& seq_index, int64_t num_seqs) {
@@ -85,8 +101,6 @@ at::Tensor seq_index_host(const at::Tensor& seq_index, int64_t num_seqs) {
   }
   return h;
 }
-
-}  // namespace
 
 SeqScalePlan seq_scale_plan(const c10::optional<at::Tensor>& seq_index, int64_t num_seqs,
                             int64_t seq_len, int64_t rows, int64_t max_chunks, int64_t min_rows) {
@@ -116,7 +130,8 @@ SeqScalePlan seq_scale_plan(const c10::optional<at::Tensor>& seq_index, int64_t 
   plan.chunk_off = at::empty({num_seqs + 1}, at::kLong);
   int64_t* coff = plan.chunk_off.mutable_data_ptr<int64_t>();
   coff[0] = 0;
-  for (int64_t b = 0; b < num_seqs; ++b) coff[b + 1] = coff[b] + ceil_div(seg_off[b + 1] - seg_off[b], chunk);
+  for (int64_t b = 0; b < num_seqs; ++b)
+    coff[b + 1] = coff[b] + ceil_div(seg_off[b + 1] - seg_off[b], chunk);
   plan.num_chunks = coff[num_seqs];
   plan.chunks = at::empty({plan.num_chunks, 3}, at::kLong);
   int64_t* ch = plan.chunks.mutable_data_ptr<int64_t>();
@@ -160,16 +175,17 @@ void scale_all_rows(const at::Tensor& src, const at::Tensor& vec, const at::Tens
   const int64_t n = src.size(-1);
   const int64_t m = src.numel() / n;
   const int64_t grain = std::max<int64_t>(1, 32768 / n);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "seq_scale_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    const StridedRows<const scalar_t> s = strided<scalar_t>(rows);
-    const int64_t* ip = packed ? idx.const_data_ptr<int64_t>() : nullptr;
-    const A* vp = v.const_data_ptr<A>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
-      RK_ISA_CALL(scale_rows<scalar_t RK_COMMA A>, s, ip, vp, op, n, r0, r1);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, src.scalar_type(), "seq_scale_cpu", [&] {
+        using A = acc_t<scalar_t>;
+        const StridedRows<const scalar_t> s = strided<scalar_t>(rows);
+        const int64_t* ip = packed ? idx.const_data_ptr<int64_t>() : nullptr;
+        const A* vp = v.const_data_ptr<A>();
+        scalar_t* op = out.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
+          RK_ISA_CALL(scale_rows<scalar_t RK_COMMA A>, s, ip, vp, op, n, r0, r1);
+        });
+      });
 }
 
 at::Tensor seq_scale_fwd_cpu(const at::Tensor& x, const at::Tensor& vec,
@@ -196,31 +212,24 @@ std::tuple<at::Tensor, at::Tensor> seq_scale_bwd_cpu(const at::Tensor& grad_out,
                                                      const at::Tensor& vec,
                                                      const c10::optional<at::Tensor>& seq_index,
                                                      bool need_x, bool need_vec) {
-  seq_scale_check(grad_out, vec, seq_index);
-  if (need_vec) {
-    RK_CHECK_ARG(x.has_value(), "x", "is required when need_vec is true");
-    RK_CHECK_ARG(x->sizes() == grad_out.sizes(), "x", "shape ", x->sizes(),
-                 " differs from 'grad_out' ", grad_out.sizes());
-    RK_CHECK_ARG(x->scalar_type() == grad_out.scalar_type(), "x", "dtype ", x->scalar_type(),
-                 " differs from 'grad_out' ", grad_out.scalar_type());
-    check_same_device(grad_out, "grad_out", *x, "x");
-  }
+  seq_scale_bwd_check(grad_out, x, vec, seq_index, need_vec);
   const bool packed = seq_index.has_value();
   const int64_t num_seqs = vec.size(0), n = vec.size(1);
-  const int64_t m = n == 0 ? (packed ? grad_out.size(0) : grad_out.size(0) * grad_out.size(1))
-                           : grad_out.numel() / n;
+  const int64_t m = seq_scale_num_rows(grad_out, packed);
   const auto opts = grad_out.options();
   const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor grad_x = need_x ? empty_output(grad_out.sizes(), opts) : at::empty({0}, opts);
 
   if (!need_vec) {
     if (packed) seq_index_host(*seq_index, num_seqs);
-    if (need_x && grad_x.numel() > 0) scale_all_rows(grad_out, vec, packed ? &*seq_index : nullptr, grad_x);
+    if (need_x && grad_x.numel() > 0)
+      scale_all_rows(grad_out, vec, packed ? &*seq_index : nullptr, grad_x);
     return {grad_x, at::empty({0}, opts.dtype(vec.scalar_type()))};
   }
 
-  const SeqScalePlan plan = seq_scale_plan(seq_index, num_seqs, packed ? 0 : grad_out.size(1), m, 64,
-                                           std::max<int64_t>(1, 8192 / std::max<int64_t>(n, 1)));
+  const SeqScalePlan plan =
+      seq_scale_plan(seq_index, num_seqs, packed ? 0 : grad_out.size(1), m, 64,
+                     std::max<int64_t>(1, 8192 / std::max<int64_t>(n, 1)));
   at::Tensor sum = at::zeros({num_seqs, n}, opts.dtype(acc));
   if (plan.num_chunks == 0 || n == 0) return {grad_x, sum.to(vec.scalar_type())};
 

@@ -27,8 +27,6 @@ OP = "last_token_index"
 
 
 def _check_shapes(attention_mask: Tensor, prompt_lengths: Tensor | None) -> None:
-    if not isinstance(attention_mask, Tensor):
-        raise TypeError(f"red_kernels.{OP}: argument 'attention_mask' must be a Tensor")
     if attention_mask.dtype != torch.bool and (attention_mask.is_floating_point() or attention_mask.is_complex()):
         raise ValueError(
             f"red_kernels.{OP}: argument 'attention_mask' must be bool or integer (1 = token, 0 = padding), "
@@ -118,7 +116,10 @@ def last_token_index(attention_mask: Tensor, prompt_lengths: Tensor | Sequence[i
         ValueError: a row with no token, a prompt length out of range, a mask value other than 0/1,
             or wrong shapes, dtypes or devices (the message names the argument and the row).
     """
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(
+            f"red_kernels.{OP}: argument 'attention_mask' must be a Tensor, got {type(attention_mask).__name__}"
+        )
     if prompt_lengths is not None and not isinstance(prompt_lengths, Tensor):
-        device = attention_mask.device if isinstance(attention_mask, Tensor) else None
-        prompt_lengths = torch.as_tensor(prompt_lengths, dtype=torch.int64, device=device)
+        prompt_lengths = torch.as_tensor(prompt_lengths, dtype=torch.int64, device=attention_mask.device)
     return _last_token_index_op(attention_mask, prompt_lengths)

@@ -67,13 +67,10 @@ def _check(x: Tensor, vec: Tensor, seq_index: Tensor | None) -> None:
             )
     else:
         if not isinstance(seq_index, Tensor):
-            raise TypeError(
-                f"red_kernels.{OP}: argument 'seq_index' must be a Tensor, got {type(seq_index).__name__}"
-            )
+            raise TypeError(f"red_kernels.{OP}: argument 'seq_index' must be a Tensor, got {type(seq_index).__name__}")
         if x.dim() != 2:
             raise ValueError(
-                f"red_kernels.{OP}: argument 'x' must be [N, n] with seq_index (packed form), got shape "
-                f"{list(x.shape)}"
+                f"red_kernels.{OP}: argument 'x' must be [N, n] with seq_index (packed form), got shape {list(x.shape)}"
             )
         if seq_index.dtype != torch.int64:
             raise ValueError(f"red_kernels.{OP}: argument 'seq_index' must be int64, got {seq_index.dtype}")
