@@ -230,10 +230,13 @@ std::tuple<at::Tensor, at::Tensor> seq_scale_bwd_cpu(const at::Tensor& grad_out,
   const SeqScalePlan plan =
       seq_scale_plan(seq_index, num_seqs, packed ? 0 : grad_out.size(1), m, 64,
                      std::max<int64_t>(1, 8192 / std::max<int64_t>(n, 1)));
-  at::Tensor sum = at::zeros({num_seqs, n}, opts.dtype(acc));
-  if (plan.num_chunks == 0 || n == 0) return {grad_x, sum.to(vec.scalar_type())};
-
-  const at::Tensor part = at::zeros({plan.num_chunks, n}, opts.dtype(acc));
+  if (plan.num_chunks == 0 || n == 0) {
+    return {grad_x, at::zeros({num_seqs, n}, opts.dtype(vec.scalar_type()))};
+  }
+  // Both buffers are written in full below (no zero fill): each extra parallel region costs a
+  // wake-up of the worker threads, which dominates when the machine is busy.
+  at::Tensor sum = at::empty({num_seqs, n}, opts.dtype(acc));
+  const at::Tensor part = at::empty({plan.num_chunks, n}, opts.dtype(acc));
   const SeqRows g_rows = seq_scale_rows(grad_out, packed);
   const SeqRows x_rows = seq_scale_rows(*x, packed);
   const at::Tensor v = seq_scale_vec_acc(vec, grad_out);
@@ -252,25 +255,32 @@ std::tuple<at::Tensor, at::Tensor> seq_scale_bwd_cpu(const at::Tensor& grad_out,
           at::parallel_for(0, plan.num_chunks, 1, [&](int64_t k0, int64_t k1) {
             for (int64_t k = k0; k < k1; ++k) {
               const int64_t* c = chunks + 3 * k;
+              std::fill(pp + k * n, pp + (k + 1) * n, A(0));
               RK_ISA_CALL(bwd_chunk<scalar_t RK_COMMA A RK_COMMA NX RK_COMMA true>, gs, xs, perm,
                           vp + c[0] * n, gxp, pp + k * n, n, c[1], c[2]);
             }
           });
         });
-        // Second stage: each sequence sums its chunks in chunk order (fixed, hence deterministic),
-        // parallel over (sequence, column block).
+        // Second stage: each sequence sums its chunks in chunk order (fixed, hence deterministic).
+        // It reads K x n partials (K <= 64 + B): inline unless that is large.
         constexpr int64_t kCols = 1024;
         const int64_t col_blocks = ceil_div(n, kCols);
         A* sp = sum.mutable_data_ptr<A>();
-        at::parallel_for(0, num_seqs * col_blocks, 1, [&](int64_t i0, int64_t i1) {
+        const auto stage2 = [&](int64_t i0, int64_t i1) {
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t b = i / col_blocks;
             const int64_t j0 = (i % col_blocks) * kCols, j1 = std::min(n, j0 + kCols);
+            std::fill(sp + b * n + j0, sp + b * n + j1, A(0));
             for (int64_t k = coff[b]; k < coff[b + 1]; ++k) {
               for (int64_t j = j0; j < j1; ++j) sp[b * n + j] += pp[k * n + j];
             }
           }
-        });
+        };
+        if (plan.num_chunks * n < (int64_t{1} << 22)) {
+          stage2(0, num_seqs * col_blocks);
+        } else {
+          at::parallel_for(0, num_seqs * col_blocks, 1, stage2);
+        }
       });
   return {grad_x, sum.to(vec.scalar_type())};
 }
