@@ -229,9 +229,9 @@ def seq_scale(x: Tensor, vec: Tensor, seq_index: Tensor | None = None, *, backen
         vec: ``[B, n]`` per-sequence vectors; may be fp32 on bf16/fp16 ``x`` (mixed precision).
         seq_index: None (dense), or ``[N]`` int64 with each packed token's sequence in ``[0, B)``.
             Validated on the host before any kernel reads memory through it. It need not be sorted:
-            rows of one sequence may be interleaved with others', and grad_vec is deterministic and
-            bit-identical to that of the same rows sorted stably by sequence. A sequence with no
-            rows gets a zero gradient.
+            rows of one sequence may be interleaved with others'. grad_vec is deterministic, and on
+            the cpu, triton and cuda backends bit-identical to that of the same rows sorted stably
+            by sequence. A sequence with no rows gets a zero gradient.
         backend: ``"reference" | "cpu" | "triton" | "cuda" | "auto"``; None defers to
             :func:`red_kernels.use_backend` and ``RED_KERNELS_BACKEND``, else automatic.
 
