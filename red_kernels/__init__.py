@@ -4,14 +4,21 @@ Importing this package needs neither Triton, nor the compiled extension, nor CUD
 initialises CUDA: backends are probed lazily, when an op first runs or :func:`backends` is called.
 """
 
+from red_kernels import nn
 from red_kernels._backend import BackendInfo, backend_info, backends, use_backend
-from red_kernels.ops import gathered_red_edit, gathered_red_edit_reference, red_edit, red_edit_reference
+from red_kernels.adapters import load_adapter, save_adapter
+from red_kernels.ops import (
+    gathered_red_edit,
+    gathered_red_edit_reference,
+    last_token_index,
+    red_edit,
+    red_edit_reference,
+    seq_scale,
+    seq_scale_reference,
+)
+from red_kernels.patch import merge_model, patch_model, trainable_parameters, unpatch_model
 
 __version__ = "0.1.0"
-
-from red_kernels import nn  # noqa: E402  (nn.REDEdit, ...)
-from red_kernels.adapters import load_adapter, save_adapter  # noqa: E402
-from red_kernels.patch import merge_model, patch_model, trainable_parameters, unpatch_model  # noqa: E402
 
 __all__ = [
     "BackendInfo",
@@ -20,6 +27,7 @@ __all__ = [
     "backends",
     "gathered_red_edit",
     "gathered_red_edit_reference",
+    "last_token_index",
     "load_adapter",
     "merge_model",
     "nn",
@@ -27,6 +35,8 @@ __all__ = [
     "red_edit",
     "red_edit_reference",
     "save_adapter",
+    "seq_scale",
+    "seq_scale_reference",
     "trainable_parameters",
     "unpatch_model",
     "use_backend",
