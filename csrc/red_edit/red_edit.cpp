@@ -13,6 +13,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -126,8 +127,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_cpu(
   const int64_t rows_per_block =
       red_edit_rows_per_block(m, 64, std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1)));
   const int64_t nblocks = m == 0 ? 0 : ceil_div(m, rows_per_block);
-  at::Tensor part_gh = at::zeros({need_scale ? nblocks : 0, d}, opts.dtype(acc));
-  at::Tensor part_g = at::zeros({need_bias ? nblocks : 0, d}, opts.dtype(acc));
+  // Each block zeroes its own partial rows inside the parallel region: a separate at::zeros would
+  // be one more OpenMP region, which costs a lot when the machine is oversubscribed.
+  at::Tensor part_gh = at::empty({need_scale ? nblocks : 0, d}, opts.dtype(acc));
+  at::Tensor part_g = at::empty({need_bias ? nblocks : 0, d}, opts.dtype(acc));
   at::Tensor sum_gh = at::zeros({need_scale ? d : 0}, opts.dtype(acc));
   at::Tensor sum_g = at::zeros({need_bias ? d : 0}, opts.dtype(acc));
 
@@ -152,9 +155,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_cpu(
                   for (int64_t blk = b0; blk < b1; ++blk) {
                     const int64_t r0 = blk * rows_per_block;
                     const int64_t r1 = std::min(m, r0 + rows_per_block);
+                    A* acc_gh = NS ? pgh + blk * d : nullptr;
+                    A* acc_g = NB ? pg + blk * d : nullptr;
+                    if (NS) std::fill(acc_gh, acc_gh + d, A(0));
+                    if (NB) std::fill(acc_g, acc_g + d, A(0));
                     RK_ISA_CALL(bwd_rows<scalar_t RK_COMMA A RK_COMMA NH RK_COMMA NS RK_COMMA NB>,
-                                gp, g_stride, hp, h_stride, sp, ghp, NS ? pgh + blk * d : nullptr,
-                                NB ? pg + blk * d : nullptr, d, r0, r1);
+                                gp, g_stride, hp, h_stride, sp, ghp, acc_gh, acc_g, d, r0, r1);
                   }
                 });
               });
