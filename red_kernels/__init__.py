@@ -5,7 +5,14 @@ initialises CUDA: backends are probed lazily, when an op first runs or :func:`ba
 """
 
 from red_kernels._backend import BackendInfo, backend_info, backends, use_backend
-from red_kernels.ops import red_edit, red_edit_reference
+from red_kernels.ops import (
+    gathered_para_vector_gen,
+    gathered_para_vector_gen_reference,
+    para_vector_gen,
+    para_vector_gen_reference,
+    red_edit,
+    red_edit_reference,
+)
 
 __version__ = "0.1.0"
 
@@ -14,6 +21,10 @@ __all__ = [
     "__version__",
     "backend_info",
     "backends",
+    "gathered_para_vector_gen",
+    "gathered_para_vector_gen_reference",
+    "para_vector_gen",
+    "para_vector_gen_reference",
     "red_edit",
     "red_edit_reference",
     "use_backend",
