@@ -1,4 +1,4 @@
-"""Command line: ``python -m red_kernels info | demo``."""
+"""Command line: ``python -m red_kernels info | demo | bench [pytest args]``."""
 
 from __future__ import annotations
 
@@ -48,10 +48,25 @@ def demo() -> None:
         print(f"  {b.name:<10} max |diff| (output and all gradients) = {err:.2e}")
 
 
+def bench(extra: list[str]) -> int:
+    """Run the pytest-benchmark files of a source checkout (benchmarks/ is not installed)."""
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    if not bench_dir.is_dir():
+        print("benchmarks/ not found: run this from a source checkout (make bench)", file=sys.stderr)
+        return 2
+    import pytest
+
+    return pytest.main([str(bench_dir), "-q", "--benchmark-only", *extra])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m red_kernels")
-    parser.add_argument("command", choices=["info", "demo"])
-    args = parser.parse_args(argv)
+    parser.add_argument("command", choices=["info", "demo", "bench"])
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return bench(extra)
     {"info": info, "demo": demo}[args.command]()
     return 0
 

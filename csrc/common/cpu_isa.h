@@ -17,6 +17,16 @@
 #define RK_HAVE_AVX2_PATH 0
 #endif
 
+// Call fn from namespace avx2 or base (both built from one .inc file) depending on the CPU.
+// Template arguments inside fn are separated with RK_COMMA.
+#define RK_COMMA ,
+#if RK_HAVE_AVX2_PATH
+#define RK_ISA_CALL(fn, ...) \
+  (::red_kernels::cpu_use_avx2() ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
+#else
+#define RK_ISA_CALL(fn, ...) base::fn(__VA_ARGS__)
+#endif
+
 namespace red_kernels {
 
 inline bool cpu_use_avx2() {

@@ -75,8 +75,6 @@ RK_END_AVX2
 
 namespace {
 
-#define RK_COMMA ,
-
 template <typename F>
 void dispatch_bool(bool b, F&& f) {
   if (b) {
@@ -85,13 +83,6 @@ void dispatch_bool(bool b, F&& f) {
     f(std::false_type{});
   }
 }
-
-// Pick the AVX2 or baseline build of a row kernel at run time.
-#if RK_HAVE_AVX2_PATH
-#define RK_ISA_CALL(fn, ...) (cpu_use_avx2() ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
-#else
-#define RK_ISA_CALL(fn, ...) base::fn(__VA_ARGS__)
-#endif
 
 at::Tensor red_edit_fwd_cpu(const at::Tensor& h, const c10::optional<at::Tensor>& scale,
                             const c10::optional<at::Tensor>& bias) {
