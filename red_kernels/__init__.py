@@ -4,6 +4,7 @@ Importing this package needs neither Triton, nor the compiled extension, nor CUD
 initialises CUDA: backends are probed lazily, when an op first runs or :func:`backends` is called.
 """
 
+from red_kernels import nn
 from red_kernels._backend import BackendInfo, backend_info, backends, use_backend
 from red_kernels.ops import (
     gathered_para_vector_gen,
@@ -23,6 +24,7 @@ __all__ = [
     "backends",
     "gathered_para_vector_gen",
     "gathered_para_vector_gen_reference",
+    "nn",
     "para_vector_gen",
     "para_vector_gen_reference",
     "red_edit",

@@ -120,8 +120,6 @@ namespace {
 constexpr int64_t kColBlock = 512;  // output columns per task (w_up block stays in L1/L2)
 constexpr int64_t kRowBlock = 256;  // rows of w_down per task in its gradient
 
-#define RK_COMMA ,
-
 namespace base {
 #include "para/para_vector_gen_cpu_kernels.inc"
 }  // namespace base
@@ -132,12 +130,6 @@ namespace avx2 {
 #include "para/para_vector_gen_cpu_kernels.inc"
 }  // namespace avx2
 RK_END_AVX2
-#endif
-
-#if RK_HAVE_AVX2_PATH
-#define RK_ISA_CALL(fn, ...) (cpu_use_avx2() ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
-#else
-#define RK_ISA_CALL(fn, ...) base::fn(__VA_ARGS__)
 #endif
 
 struct Inputs {
