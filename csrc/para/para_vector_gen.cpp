@@ -22,11 +22,16 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/alloc.h"
 #include "common/checks.h"
 #include "common/cpu_isa.h"
+
+#if RK_HAVE_AVX2_PATH
+#include <immintrin.h>
+#endif
 
 namespace red_kernels {
 
@@ -127,10 +132,26 @@ namespace base {
 #if RK_HAVE_AVX2_PATH
 RK_BEGIN_AVX2
 namespace avx2 {
+#define RK_PARA_AVX2_BODY 1
 #include "para/para_vector_gen_cpu_kernels.inc"
+#undef RK_PARA_AVX2_BODY
 }  // namespace avx2
 RK_END_AVX2
 #endif
+
+// Groups of at most kGroup rows of one tenant, as flat (tenant, first index into rows, count)
+// triples, in tenant order: the units of the CPU register-blocked projections.
+std::vector<int64_t> row_groups(const at::Tensor& offsets_t, int64_t num_tenants) {
+  constexpr int64_t group = 4;  // kGroup in para_vector_gen_cpu_kernels.inc
+  const int64_t* offsets = offsets_t.const_data_ptr<int64_t>();
+  std::vector<int64_t> groups;
+  for (int64_t k = 0; k < num_tenants; ++k) {
+    for (int64_t s = offsets[k]; s < offsets[k + 1]; s += group) {
+      groups.insert(groups.end(), {k, s, std::min(group, offsets[k + 1] - s)});
+    }
+  }
+  return groups;
+}
 
 struct Inputs {
   at::Tensor pool_index, w_down, w_up, b_up;
@@ -160,18 +181,24 @@ at::Tensor para_fwd_cpu(const at::Tensor& h, const at::Tensor& pool_index,
     using A = para_acc_t<T, W>;
     const auto p = para_args<T, W>(h, in.pool_index, in.w_down, in.w_up, in.b_up, in.tenant_ids,
                                    activation);
+    const auto [rows_t, offsets_t] = para_segments(in.tenant_ids, batch, w_down.size(0), h);
+    const std::vector<int64_t> groups = row_groups(offsets_t, w_down.size(0));
+    const int64_t ngroups = static_cast<int64_t>(groups.size() / 3);
+    const int64_t* rows = rows_t.const_data_ptr<int64_t>();
+    const int64_t no_tenant_rows = offsets_t.const_data_ptr<int64_t>()[0];
     std::vector<A> z(batch * r), a(batch * r);
-    // Stage 1 (a row's reduction over d) then stage 2 (columns of the up projection): each w_up
-    // block is read once for all rows.
-    at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-      RK_ISA_CALL(rows_bottleneck<T RK_COMMA W RK_COMMA A>, p, b0, b1, z.data(), a.data());
+    // Stage 1 (each group's reduction over d) then stage 2 (columns of the up projection): each
+    // w_up tile is read once per group of rows.
+    at::parallel_for(0, ngroups, 1, [&](int64_t q0, int64_t q1) {
+      RK_ISA_CALL(groups_bottleneck<T RK_COMMA W RK_COMMA A>, p, rows, groups.data(), q0, q1,
+                  z.data(), a.data());
     });
     W* op = out.mutable_data_ptr<W>();
     at::parallel_for(0, ceil_div(n, kColBlock), 1, [&](int64_t c0, int64_t c1) {
-      std::vector<A> tmp(kColBlock);
       for (int64_t blk = c0; blk < c1; ++blk) {
         const int64_t j0 = blk * kColBlock, j1 = std::min(n, j0 + kColBlock);
-        RK_ISA_CALL(fwd_columns<T RK_COMMA W RK_COMMA A>, p, a.data(), op, j0, j1, tmp.data());
+        RK_ISA_CALL(fwd_columns<T RK_COMMA W RK_COMMA A>, p, rows, no_tenant_rows, groups.data(),
+                    ngroups, a.data(), op, j0, j1);
       }
     });
   });
@@ -212,10 +239,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cpu(
     const auto p = para_args<T, W>(h, in.pool_index, in.w_down, in.w_up, in.b_up, in.tenant_ids,
                                    activation);
     const W* gp = g.const_data_ptr<W>();
+    const std::vector<int64_t> groups = row_groups(offsets_t, k_count);
+    const int64_t* rows = rows_t.const_data_ptr<int64_t>();
     std::vector<A> z(batch * r), a(batch * r), gz(batch * r);
-    // Row stage: z, a = act(z), gz = (g @ w_up^T) * act'(z), one row per task.
+    // Row stage: z, a = act(z) per group of rows, then gz = (g @ w_up^T) * act'(z) per row.
+    at::parallel_for(0, static_cast<int64_t>(groups.size() / 3), 1, [&](int64_t q0, int64_t q1) {
+      RK_ISA_CALL(groups_bottleneck<T RK_COMMA W RK_COMMA A>, p, rows, groups.data(), q0, q1,
+                  z.data(), a.data());
+    });
     at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-      RK_ISA_CALL(rows_bottleneck<T RK_COMMA W RK_COMMA A>, p, b0, b1, z.data(), a.data());
       RK_ISA_CALL(rows_grad_z<T RK_COMMA W RK_COMMA A>, p, gp, z.data(), b0, b1, gz.data());
     });
     if (need_h) {
@@ -227,7 +259,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cpu(
       });
     }
     if (need_w) {
-      const int64_t* rows = rows_t.const_data_ptr<int64_t>();
       const int64_t* offsets = offsets_t.const_data_ptr<int64_t>();
       W* gwu_p = gwu.mutable_data_ptr<W>();
       W* gbu_p = gbu.mutable_data_ptr<W>();

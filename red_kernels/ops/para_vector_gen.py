@@ -227,8 +227,9 @@ def _bwd_triton(grad_out, h, pool_index, wd, wu, bu, tenant_ids, act, need_h, ne
 _FWD = {"reference": _fwd_reference, "cpu": _fwd_ext, "cuda": _fwd_ext, "triton": _fwd_triton}
 _BWD = {"reference": _bwd_reference, "cpu": _bwd_ext, "cuda": _bwd_ext, "triton": _bwd_triton}
 IMPLEMENTED = tuple(_FWD)
-# The compiled ops check index values themselves (C++ callers skip this layer): no second sync.
-_CHECKS_VALUES_ITSELF = ("cpu", "cuda")
+# The compiled ops check every argument and the index values themselves, with the same messages
+# (C++ callers skip this layer): checking twice would cost a second GPU sync and ~10 us per call.
+_CHECKS_ITSELF = ("cpu", "cuda")
 
 
 def _gathered_form(w_down, w_up, b_up, tenant_ids):
@@ -239,7 +240,7 @@ def _gathered_form(w_down, w_up, b_up, tenant_ids):
 
 def _resolve(backend: str, h: Tensor, w_down: Tensor, tenant_ids: Tensor | None) -> str:
     name = resolve(backend, h.device, OP if tenant_ids is None else "gathered_para_vector_gen", IMPLEMENTED)
-    if name != "reference" and w_down.shape[-1] > MAX_RANK:
+    if name == "triton" and w_down.shape[-1] > MAX_RANK:  # the compiled ops say so themselves
         raise ValueError(
             f"red_kernels.{OP}: argument 'w_down' has rank {w_down.shape[-1]}; the {name} kernels support "
             f"1..{MAX_RANK} (use backend='reference' for larger ranks)"
@@ -262,7 +263,8 @@ def _para_op(
     backend: str,
 ) -> Tensor:
     name = _resolve(backend, h, w_down, tenant_ids)
-    check_args(h, pool_index, w_down, w_up, b_up, tenant_ids, activation, values=name not in _CHECKS_VALUES_ITSELF)
+    if name not in _CHECKS_ITSELF:
+        check_args(h, pool_index, w_down, w_up, b_up, tenant_ids, activation)
     wd, wu, bu = _gathered_form(w_down, w_up, b_up, tenant_ids)
     return _FWD[name](h, pool_index, wd, wu, bu, tenant_ids, activation_code(activation, OP))
 
