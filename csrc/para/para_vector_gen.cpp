@@ -167,20 +167,21 @@ Inputs contiguous_inputs(const at::Tensor& pool_index, const at::Tensor& w_down,
   return in;
 }
 
-at::Tensor para_fwd_cpu(const at::Tensor& h, const at::Tensor& pool_index,
-                        const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& b_up,
+at::Tensor para_fwd_cpu(const at::Tensor& h, const at::Tensor& pool_index, const at::Tensor& w_down,
+                        const at::Tensor& w_up, const at::Tensor& b_up,
                         const c10::optional<at::Tensor>& tenant_ids, int64_t activation) {
   para_check(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
   const Inputs in = contiguous_inputs(pool_index, w_down, w_up, b_up, tenant_ids);
   const int64_t batch = h.size(0), n = w_up.size(2), r = w_down.size(2);
-  at::Tensor out = at::empty({batch, n}, w_up.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out =
+      at::empty({batch, n}, w_up.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   para_dispatch(h.scalar_type(), w_up.scalar_type(), [&](auto* tp, auto* wp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     using W = std::remove_pointer_t<decltype(wp)>;
     using A = para_acc_t<T, W>;
-    const auto p = para_args<T, W>(h, in.pool_index, in.w_down, in.w_up, in.b_up, in.tenant_ids,
-                                   activation);
+    const auto p =
+        para_args<T, W>(h, in.pool_index, in.w_down, in.w_up, in.b_up, in.tenant_ids, activation);
     const auto [rows_t, offsets_t] = para_segments(in.tenant_ids, batch, w_down.size(0), h);
     const std::vector<int64_t> groups = row_groups(offsets_t, w_down.size(0));
     const int64_t ngroups = static_cast<int64_t>(groups.size() / 3);
@@ -236,8 +237,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cpu(
     using T = std::remove_pointer_t<decltype(tp)>;
     using W = std::remove_pointer_t<decltype(wp)>;
     using A = para_acc_t<T, W>;
-    const auto p = para_args<T, W>(h, in.pool_index, in.w_down, in.w_up, in.b_up, in.tenant_ids,
-                                   activation);
+    const auto p =
+        para_args<T, W>(h, in.pool_index, in.w_down, in.w_up, in.b_up, in.tenant_ids, activation);
     const W* gp = g.const_data_ptr<W>();
     const std::vector<int64_t> groups = row_groups(offsets_t, k_count);
     const int64_t* rows = rows_t.const_data_ptr<int64_t>();

@@ -15,10 +15,9 @@
 //
 //   ga[c]              = sum_j g[j] * w_up[k, c, j]
 //   gz[c]              = ga[c] * act'(z[c])
-//   grad_h[b, p, i]    = sum_c w_down[k, i, c] * gz[c]          (the only non-zero row of grad_h[b])
-//   grad_b_up[k, j]    = sum_{b in k} g_b[j]
-//   grad_w_up[k, c, j] = sum_{b in k} a_b[c] * g_b[j]
-//   grad_w_down[k,i,c] = sum_{b in k} x_b[i] * gz_b[c]
+//   grad_h[b, p, i]    = sum_c w_down[k, i, c] * gz[c]          (the only non-zero row of
+//   grad_h[b]) grad_b_up[k, j]    = sum_{b in k} g_b[j] grad_w_up[k, c, j] = sum_{b in k} a_b[c] *
+//   g_b[j] grad_w_down[k,i,c] = sum_{b in k} x_b[i] * gz_b[c]
 //
 // Sums over the rows of a tenant run in batch order (rows sorted stably by tenant), so the weight
 // gradients are deterministic without atomics.
@@ -192,8 +191,8 @@ void para_dispatch(at::ScalarType h_type, at::ScalarType w_type, F&& f) {
 
 // Raw pointers of checked arguments (weights already contiguous).
 template <typename T, typename W>
-ParaArgs<T, W> para_args(const at::Tensor& h, const at::Tensor& pool_index, const at::Tensor& w_down,
-                         const at::Tensor& w_up, const at::Tensor& b_up,
+ParaArgs<T, W> para_args(const at::Tensor& h, const at::Tensor& pool_index,
+                         const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& b_up,
                          const c10::optional<at::Tensor>& tenant_ids, int64_t activation) {
   ParaArgs<T, W> p;
   p.h = h.const_data_ptr<T>();

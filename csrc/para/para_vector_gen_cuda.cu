@@ -25,7 +25,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kColsPerBlock = 1024;  // forward tile: bottleneck recomputed once per 1024 columns
+constexpr int64_t kColsPerBlock =
+    1024;  // forward tile: bottleneck recomputed once per 1024 columns
 
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {
@@ -183,9 +184,11 @@ void launch_bwd(const ParaArgs<T, W>& p, const W* g, void* a_buf, void* gz_buf, 
       <<<static_cast<unsigned>(p.batch), kThreads, 0, stream>>>(p, g, a, gz, grad_h);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (!need_w) return;
-  const dim3 grid_up(static_cast<unsigned>(ceil_div(p.n, kThreads)), static_cast<unsigned>(k_count));
+  const dim3 grid_up(static_cast<unsigned>(ceil_div(p.n, kThreads)),
+                     static_cast<unsigned>(k_count));
   if (p.n > 0)
-    para_bwd_w_up_kernel<W, A><<<grid_up, kThreads, 0, stream>>>(g, a, rows, offsets, gwu, gbu, p.r, p.n);
+    para_bwd_w_up_kernel<W, A>
+        <<<grid_up, kThreads, 0, stream>>>(g, a, rows, offsets, gwu, gbu, p.r, p.n);
   const dim3 grid_down(static_cast<unsigned>(ceil_div(p.d, kThreads)),
                        static_cast<unsigned>(k_count));
   if (p.d > 0)
@@ -209,8 +212,8 @@ at::Tensor para_fwd_cuda(const at::Tensor& h, const at::Tensor& pool_index,
   para_dispatch(h.scalar_type(), w_up.scalar_type(), [&](auto* tp, auto* wp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     using W = std::remove_pointer_t<decltype(wp)>;
-    launch_fwd<T, W>(para_args<T, W>(h, pi, wd, wu, bu, tid, activation),
-                     out.mutable_data_ptr<W>(), stream);
+    launch_fwd<T, W>(para_args<T, W>(h, pi, wd, wu, bu, tid, activation), out.mutable_data_ptr<W>(),
+                     stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -234,8 +237,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cuda(
   if (tenant_ids.has_value()) tid = tenant_ids->contiguous();
   const auto wopts = w_up.options().memory_format(at::MemoryFormat::Contiguous);
   // grad_h: a memset runs at full bandwidth on the GPU; the row kernel then writes B rows.
-  at::Tensor grad_h = need_h ? at::zeros(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous))
-                             : at::empty({0}, h.options());
+  at::Tensor grad_h =
+      need_h ? at::zeros(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous))
+             : at::empty({0}, h.options());
   // Weight gradients: zeros where the batch is empty; otherwise every element is written.
   at::Tensor gwd = need_w ? at::zeros(w_down.sizes(), wopts) : at::empty({0}, wopts);
   at::Tensor gwu = need_w ? at::zeros(w_up.sizes(), wopts) : at::empty({0}, wopts);
@@ -249,13 +253,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cuda(
   para_dispatch(h.scalar_type(), w_up.scalar_type(), [&](auto* tp, auto* wp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     using W = std::remove_pointer_t<decltype(wp)>;
-    launch_bwd<T, W>(para_args<T, W>(h, pi, wd, wu, bu, tid, activation), g.const_data_ptr<W>(),
-                     a_buf.data_ptr(), gz_buf.data_ptr(),
-                     need_h ? grad_h.mutable_data_ptr<T>() : nullptr,
-                     rows.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
-                     need_w ? gwd.mutable_data_ptr<W>() : nullptr,
-                     need_w ? gwu.mutable_data_ptr<W>() : nullptr,
-                     need_w ? gbu.mutable_data_ptr<W>() : nullptr, w_down.size(0), need_w, stream);
+    launch_bwd<T, W>(
+        para_args<T, W>(h, pi, wd, wu, bu, tid, activation), g.const_data_ptr<W>(),
+        a_buf.data_ptr(), gz_buf.data_ptr(), need_h ? grad_h.mutable_data_ptr<T>() : nullptr,
+        rows.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
+        need_w ? gwd.mutable_data_ptr<W>() : nullptr, need_w ? gwu.mutable_data_ptr<W>() : nullptr,
+        need_w ? gbu.mutable_data_ptr<W>() : nullptr, w_down.size(0), need_w, stream);
   });
   return {grad_h, gwd, gwu, gbu};
 }

@@ -77,4 +77,5 @@ class PARAVectorGenerator(nn.Module):
         return tuple(torch.split(out, self.out_sizes, dim=-1))
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, out_sizes={list(self.out_sizes)}, rank={self.rank}, activation={self.activation!r}"
+        sizes = list(self.out_sizes)
+        return f"d_model={self.d_model}, out_sizes={sizes}, rank={self.rank}, activation={self.activation!r}"

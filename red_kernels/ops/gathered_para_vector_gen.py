@@ -56,6 +56,7 @@ def gathered_para_vector_gen(
     """
     if not isinstance(tenant_ids, Tensor):
         raise TypeError(
-            f"red_kernels.gathered_para_vector_gen: argument 'tenant_ids' must be a Tensor, got {type(tenant_ids).__name__}"
+            "red_kernels.gathered_para_vector_gen: argument 'tenant_ids' must be a Tensor, "
+            f"got {type(tenant_ids).__name__}"
         )
     return _para_op(h, pool_index, w_down, w_up, b_up, tenant_ids, activation, requested_backend(backend))

@@ -47,8 +47,9 @@ def _tenant(tid_ptr, b, HAS_TENANTS: tl.constexpr):
 
 
 @triton.jit
-def _bottleneck(h_ptr, pidx_ptr, wd_ptr, b, k, D, R, s_b, s_t, s_d, FP64: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_R: tl.constexpr):
+def _bottleneck(
+    h_ptr, pidx_ptr, wd_ptr, b, k, D, R, s_b, s_t, s_d, FP64: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr
+):
     """z = h[b, pool_index[b]] @ w_down[k] ([BLOCK_R], zero past R)."""
     rr = tl.arange(0, BLOCK_R)
     rmask = rr < R
@@ -126,7 +127,9 @@ def _bwd_rows_kernel(
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             dmask = dd < D
-            w = tl.load(wd + dd.to(tl.int64)[:, None] * R + rr[None, :], mask=dmask[:, None] & rmask[None, :], other=0.0)
+            w = tl.load(
+                wd + dd.to(tl.int64)[:, None] * R + rr[None, :], mask=dmask[:, None] & rmask[None, :], other=0.0
+            )
             gp = tl.sum(_to_acc(w, FP64) * gz[None, :], axis=1)
             tl.store(dst + dd, gp.to(gh_ptr.dtype.element_ty), mask=dmask)
 
