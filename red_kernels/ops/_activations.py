@@ -31,3 +31,20 @@ def apply_activation(x: Tensor, name: str) -> Tensor:
     if name == "silu":
         return F.silu(x)
     raise ValueError(f"unknown activation {name!r}")
+
+
+def activation_grad(x: Tensor, name: str) -> Tensor:
+    """Eager ``d act(x) / dx`` (the kernels' act_backward), for code that cannot run autograd, such
+    as a custom op's reference backward."""
+    if name == "gelu":
+        return 0.5 * (1 + torch.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * torch.exp(-0.5 * x * x)
+    if name == "gelu_tanh":
+        k, c = 0.7978845608028654, 0.044715
+        t = torch.tanh(k * (x + c * x**3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * c * x * x)
+    if name == "relu":
+        return (x > 0).to(x.dtype)
+    if name == "silu":
+        s = torch.sigmoid(x)
+        return s * (1 + x * (1 - s))
+    raise ValueError(f"unknown activation {name!r}")

@@ -1,0 +1,308 @@
+// para_vector_gen (plain and multi-tenant): operator schemas (red_kernels_C namespace), the host
+// checks shared with the CUDA entry points, and the CPU kernels.
+//
+//   para_vector_gen_fwd(h[B,T,d], pool_index[B], w_down[K,d,r], w_up[K,r,n], b_up[K,n],
+//                       tenant_ids[B]?, activation) -> out[B, n]              (weights' dtype)
+//   para_vector_gen_bwd(grad_out[B,n], h, pool_index, w_down, w_up, b_up, tenant_ids?, activation,
+//                       need_h, need_w) -> (grad_h[B,T,d], grad_w_down, grad_w_up, grad_b_up)
+// The plain op is K = 1 without tenant ids. A gradient that is not needed comes back empty.
+#include "para/para_vector_gen.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/argsort.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common/alloc.h"
+#include "common/checks.h"
+#include "common/cpu_isa.h"
+
+#if RK_HAVE_AVX2_PATH
+#include <immintrin.h>
+#endif
+
+namespace red_kernels {
+
+namespace {
+
+// min and max of a non-empty int64 index tensor, read on the host (a sync on CUDA).
+std::pair<int64_t, int64_t> index_range(const at::Tensor& idx) {
+  const auto mm = at::aminmax(idx);
+  return {std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>()};
+}
+
+void check_index_tensor(const at::Tensor& idx, const char* name, int64_t batch,
+                        const at::Tensor& h) {
+  RK_CHECK_ARG(idx.scalar_type() == at::kLong, name, "expected an int64 tensor, got ",
+               idx.scalar_type());
+  RK_CHECK_ARG(idx.dim() == 1 && idx.size(0) == batch, name, "expected shape [", batch,
+               "] (one per sequence of 'h'), got ", idx.sizes());
+  check_same_device(h, "h", idx, name);
+}
+
+}  // namespace
+
+void para_check(const at::Tensor& h, const at::Tensor& pool_index, const at::Tensor& w_down,
+                const at::Tensor& w_up, const at::Tensor& b_up,
+                const c10::optional<at::Tensor>& tenant_ids, int64_t activation) {
+  RK_CHECK_ARG(h.dim() == 3, "h", "expected [B, T, d], got shape ", h.sizes());
+  check_floating(h, "h");
+  const int64_t batch = h.size(0), t = h.size(1), d = h.size(2);
+  check_index_tensor(pool_index, "pool_index", batch, h);
+  RK_CHECK_ARG(w_down.dim() == 3, "w_down", "expected [K, d, r], got shape ", w_down.sizes());
+  RK_CHECK_ARG(w_up.dim() == 3, "w_up", "expected [K, r, n_out], got shape ", w_up.sizes());
+  RK_CHECK_ARG(b_up.dim() == 2, "b_up", "expected [K, n_out], got shape ", b_up.sizes());
+  const int64_t k = w_down.size(0), r = w_down.size(2), n = w_up.size(2);
+  RK_CHECK_ARG(w_down.size(1) == d, "w_down", "has input size ", w_down.size(1),
+               " but the last dim of 'h' is ", d);
+  RK_CHECK_ARG(r >= 1 && r <= kParaMaxRank, "w_down", "rank ", r, " outside the supported 1..",
+               kParaMaxRank);
+  RK_CHECK_ARG(w_up.size(0) == k && w_up.size(1) == r, "w_up", "expected [", k, ", ", r,
+               ", n_out] to match 'w_down' ", w_down.sizes(), ", got ", w_up.sizes());
+  RK_CHECK_ARG(b_up.size(0) == k && b_up.size(1) == n, "b_up", "expected [", k, ", ", n,
+               "] to match 'w_up', got ", b_up.sizes());
+  for (const auto& [w, name] : {std::pair<const at::Tensor&, const char*>{w_down, "w_down"},
+                                {w_up, "w_up"},
+                                {b_up, "b_up"}}) {
+    check_floating(w, name);
+    check_same_device(h, "h", w, name);
+    RK_CHECK_ARG(w.scalar_type() == w_down.scalar_type(), name, "dtype ", w.scalar_type(),
+                 " differs from the dtype of 'w_down' (", w_down.scalar_type(), ")");
+  }
+  RK_CHECK_ARG(activation >= 0 && activation <= kSilu, "activation", "unknown activation code ",
+               activation);
+  if (batch > 0) {
+    const auto [lo, hi] = index_range(pool_index);
+    RK_CHECK_ARG(lo >= 0 && hi < t, "pool_index", "values must lie in [0, ", t,
+                 ") (the sequence length of 'h'), got min ", lo, " and max ", hi);
+  }
+  if (tenant_ids.has_value()) {
+    check_index_tensor(*tenant_ids, "tenant_ids", batch, h);
+    if (batch > 0) {
+      const auto [lo, hi] = index_range(*tenant_ids);
+      RK_CHECK_ARG(lo >= -1 && hi < k, "tenant_ids", "values must lie in [-1, ", k,
+                   ") (-1 = no generator; K = w_down.size(0)), got min ", lo, " and max ", hi);
+    }
+  } else {
+    RK_CHECK_ARG(k == 1, "w_down", "holds ", k, " generators but no 'tenant_ids' were given");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> para_segments(const c10::optional<at::Tensor>& tenant_ids,
+                                                 int64_t batch, int64_t num_tenants,
+                                                 const at::Tensor& like) {
+  const auto opts = like.options().dtype(at::kLong);
+  if (!tenant_ids.has_value()) {
+    at::Tensor offsets = at::zeros({2}, opts);
+    offsets.narrow(0, 1, 1).fill_(batch);
+    return {at::arange(batch, opts), offsets};
+  }
+  const at::Tensor ids = tenant_ids->contiguous();
+  // Stable sort keeps batch order inside each tenant: the order of every weight-gradient sum.
+  const at::Tensor rows = at::argsort(ids, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  // Integer scatter-add is exact, so the counts are deterministic; no host sync is needed.
+  at::Tensor counts = at::zeros({num_tenants + 1}, opts);
+  counts.scatter_add_(0, at::add(ids, 1), at::ones_like(ids));
+  // offsets[k] = number of rows with id < k, for k = 0..K (counts[0] is tenant -1).
+  const at::Tensor offsets = at::cumsum(counts, 0).to(at::kLong);
+  return {rows, offsets};
+}
+
+namespace {
+
+constexpr int64_t kColBlock = 512;  // output columns per task (w_up block stays in L1/L2)
+constexpr int64_t kRowBlock = 256;  // rows of w_down per task in its gradient
+
+namespace base {
+#include "para/para_vector_gen_cpu_kernels.inc"
+}  // namespace base
+
+#if RK_HAVE_AVX2_PATH
+RK_BEGIN_AVX2
+namespace avx2 {
+#define RK_PARA_AVX2_BODY 1
+#include "para/para_vector_gen_cpu_kernels.inc"
+#undef RK_PARA_AVX2_BODY
+}  // namespace avx2
+RK_END_AVX2
+#endif
+
+// Groups of at most kGroup rows of one tenant, as flat (tenant, first index into rows, count)
+// triples, in tenant order: the units of the CPU register-blocked projections.
+std::vector<int64_t> row_groups(const at::Tensor& offsets_t, int64_t num_tenants) {
+  constexpr int64_t group = 4;  // kGroup in para_vector_gen_cpu_kernels.inc
+  const int64_t* offsets = offsets_t.const_data_ptr<int64_t>();
+  std::vector<int64_t> groups;
+  for (int64_t k = 0; k < num_tenants; ++k) {
+    for (int64_t s = offsets[k]; s < offsets[k + 1]; s += group) {
+      groups.insert(groups.end(), {k, s, std::min(group, offsets[k + 1] - s)});
+    }
+  }
+  return groups;
+}
+
+struct Inputs {
+  at::Tensor pool_index, w_down, w_up, b_up;
+  c10::optional<at::Tensor> tenant_ids;
+};
+
+Inputs contiguous_inputs(const at::Tensor& pool_index, const at::Tensor& w_down,
+                         const at::Tensor& w_up, const at::Tensor& b_up,
+                         const c10::optional<at::Tensor>& tenant_ids) {
+  Inputs in{pool_index.contiguous(), w_down.contiguous(), w_up.contiguous(), b_up.contiguous(),
+            c10::nullopt};
+  if (tenant_ids.has_value()) in.tenant_ids = tenant_ids->contiguous();
+  return in;
+}
+
+at::Tensor para_fwd_cpu(const at::Tensor& h, const at::Tensor& pool_index, const at::Tensor& w_down,
+                        const at::Tensor& w_up, const at::Tensor& b_up,
+                        const c10::optional<at::Tensor>& tenant_ids, int64_t activation) {
+  para_check(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
+  const Inputs in = contiguous_inputs(pool_index, w_down, w_up, b_up, tenant_ids);
+  const int64_t batch = h.size(0), n = w_up.size(2), r = w_down.size(2);
+  at::Tensor out =
+      at::empty({batch, n}, w_up.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  para_dispatch(h.scalar_type(), w_up.scalar_type(), [&](auto* tp, auto* wp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    using W = std::remove_pointer_t<decltype(wp)>;
+    using A = para_acc_t<T, W>;
+    const auto p =
+        para_args<T, W>(h, in.pool_index, in.w_down, in.w_up, in.b_up, in.tenant_ids, activation);
+    const auto [rows_t, offsets_t] = para_segments(in.tenant_ids, batch, w_down.size(0), h);
+    const std::vector<int64_t> groups = row_groups(offsets_t, w_down.size(0));
+    const int64_t ngroups = static_cast<int64_t>(groups.size() / 3);
+    const int64_t* rows = rows_t.const_data_ptr<int64_t>();
+    const int64_t no_tenant_rows = offsets_t.const_data_ptr<int64_t>()[0];
+    std::vector<A> z(batch * r), a(batch * r);
+    // Stage 1 (each group's reduction over d) then stage 2 (columns of the up projection): each
+    // w_up tile is read once per group of rows.
+    at::parallel_for(0, ngroups, 1, [&](int64_t q0, int64_t q1) {
+      RK_ISA_CALL(groups_bottleneck<T RK_COMMA W RK_COMMA A>, p, rows, groups.data(), q0, q1,
+                  z.data(), a.data());
+    });
+    W* op = out.mutable_data_ptr<W>();
+    at::parallel_for(0, ceil_div(n, kColBlock), 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t blk = c0; blk < c1; ++blk) {
+        const int64_t j0 = blk * kColBlock, j1 = std::min(n, j0 + kColBlock);
+        RK_ISA_CALL(fwd_columns<T RK_COMMA W RK_COMMA A>, p, rows, no_tenant_rows, groups.data(),
+                    ngroups, a.data(), op, j0, j1);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& pool_index,
+    const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& b_up,
+    const c10::optional<at::Tensor>& tenant_ids, int64_t activation, bool need_h, bool need_w) {
+  para_check(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
+  const int64_t batch = h.size(0), t = h.size(1), d = h.size(2);
+  const int64_t k_count = w_down.size(0), r = w_down.size(2), n = w_up.size(2);
+  RK_CHECK_ARG(grad_out.dim() == 2 && grad_out.size(0) == batch && grad_out.size(1) == n,
+               "grad_out", "expected shape [", batch, ", ", n, "], got ", grad_out.sizes());
+  RK_CHECK_ARG(grad_out.scalar_type() == w_up.scalar_type(), "grad_out", "dtype ",
+               grad_out.scalar_type(), " differs from the weights' dtype ", w_up.scalar_type());
+  check_same_device(h, "h", grad_out, "grad_out");
+  const Inputs in = contiguous_inputs(pool_index, w_down, w_up, b_up, tenant_ids);
+  const at::Tensor g = grad_out.contiguous();
+  const auto wopts = w_up.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor grad_h = need_h ? empty_output(h.sizes(), h.options()) : at::empty({0}, h.options());
+  at::Tensor gwd = at::empty(need_w ? w_down.sizes() : at::IntArrayRef{0}, wopts);
+  at::Tensor gwu = at::empty(need_w ? w_up.sizes() : at::IntArrayRef{0}, wopts);
+  at::Tensor gbu = at::empty(need_w ? b_up.sizes() : at::IntArrayRef{0}, wopts);
+  if (need_w && batch == 0) {
+    gwd.zero_();
+    gwu.zero_();
+    gbu.zero_();
+  }
+  if (batch == 0 || !(need_h || need_w)) return {grad_h, gwd, gwu, gbu};
+
+  const auto [rows_t, offsets_t] = para_segments(in.tenant_ids, batch, k_count, h);
+  para_dispatch(h.scalar_type(), w_up.scalar_type(), [&](auto* tp, auto* wp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    using W = std::remove_pointer_t<decltype(wp)>;
+    using A = para_acc_t<T, W>;
+    const auto p =
+        para_args<T, W>(h, in.pool_index, in.w_down, in.w_up, in.b_up, in.tenant_ids, activation);
+    const W* gp = g.const_data_ptr<W>();
+    const std::vector<int64_t> groups = row_groups(offsets_t, k_count);
+    const int64_t* rows = rows_t.const_data_ptr<int64_t>();
+    std::vector<A> z(batch * r), a(batch * r), gz(batch * r);
+    // Row stage: z, a = act(z) per group of rows, then gz = (g @ w_up^T) * act'(z) per row.
+    at::parallel_for(0, static_cast<int64_t>(groups.size() / 3), 1, [&](int64_t q0, int64_t q1) {
+      RK_ISA_CALL(groups_bottleneck<T RK_COMMA W RK_COMMA A>, p, rows, groups.data(), q0, q1,
+                  z.data(), a.data());
+    });
+    at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+      RK_ISA_CALL(rows_grad_z<T RK_COMMA W RK_COMMA A>, p, gp, z.data(), b0, b1, gz.data());
+    });
+    if (need_h) {
+      // Dense grad_h in one pass: zeros, except the B pooled rows (no separate memset pass).
+      T* ghp = grad_h.mutable_data_ptr<T>();
+      const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(d, 1));
+      at::parallel_for(0, batch * t, grain, [&](int64_t q0, int64_t q1) {
+        RK_ISA_CALL(grad_h_rows<T RK_COMMA W RK_COMMA A>, p, gz.data(), ghp, q0, q1);
+      });
+    }
+    if (need_w) {
+      const int64_t* offsets = offsets_t.const_data_ptr<int64_t>();
+      W* gwu_p = gwu.mutable_data_ptr<W>();
+      W* gbu_p = gbu.mutable_data_ptr<W>();
+      W* gwd_p = gwd.mutable_data_ptr<W>();
+      // Tenant stage: every output element sums its tenant's rows in batch order (deterministic
+      // whatever the thread count); absent tenants get zeros.
+      const int64_t ncb = ceil_div(n, kColBlock), nrb = ceil_div(d, kRowBlock);
+      at::parallel_for(0, k_count * (ncb + nrb), 1, [&](int64_t t0, int64_t t1) {
+        std::vector<A> acc(std::max((r + 1) * kColBlock, kRowBlock * r));
+        for (int64_t task = t0; task < t1; ++task) {
+          const int64_t k = task / (ncb + nrb), blk = task % (ncb + nrb);
+          const int64_t s0 = offsets[k], s1 = offsets[k + 1];
+          if (blk < ncb) {
+            const int64_t j0 = blk * kColBlock, j1 = std::min(n, j0 + kColBlock);
+            RK_ISA_CALL(grad_w_up_block<T RK_COMMA W RK_COMMA A>, p, gp, a.data(), rows, s0, s1, k,
+                        j0, j1, gwu_p, gbu_p, acc.data());
+          } else {
+            const int64_t i0 = (blk - ncb) * kRowBlock, i1 = std::min(d, i0 + kRowBlock);
+            RK_ISA_CALL(grad_w_down_block<T RK_COMMA W RK_COMMA A>, p, gz.data(), rows, s0, s1, k,
+                        i0, i1, gwd_p, acc.data());
+          }
+        }
+      });
+    }
+  });
+  return {grad_h, gwd, gwu, gbu};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(red_kernels_C, m) {
+  m.def(
+      "para_vector_gen_fwd(Tensor h, Tensor pool_index, Tensor w_down, Tensor w_up, Tensor b_up, "
+      "Tensor? tenant_ids, int activation) -> Tensor");
+  m.def(
+      "para_vector_gen_bwd(Tensor grad_out, Tensor h, Tensor pool_index, Tensor w_down, "
+      "Tensor w_up, Tensor b_up, Tensor? tenant_ids, int activation, bool need_h, bool need_w) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(red_kernels_C, CPU, m) {
+  m.impl("para_vector_gen_fwd", &para_fwd_cpu);
+  m.impl("para_vector_gen_bwd", &para_bwd_cpu);
+}
+
+}  // namespace red_kernels

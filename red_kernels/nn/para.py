@@ -1,0 +1,81 @@
+"""PARAVectorGenerator: the per-layer PARA vector generator as a module.
+
+Owns ``w_down [d_model, rank]``, ``w_up [rank, sum(out_sizes)]`` and ``b_up [sum(out_sizes)]``,
+initialised as in the PARA paper: ``w_down ~ N(0, 0.02)``, ``w_up = 0``, ``b_up = 1``, so every
+generated vector is all ones at step 0 and the patched model starts out unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from red_kernels.ops._activations import activation_code
+from red_kernels.ops.para_vector_gen import para_vector_gen
+
+
+class PARAVectorGenerator(nn.Module):
+    """``act(h[b, pool_index[b]] @ w_down) @ w_up + b_up``, split into one vector per scaled
+    projection.
+
+    Args:
+        d_model: hidden size of the layer input ``h``.
+        out_sizes: widths of the vectors, e.g. ``(n_q, n_v, n_ffn)`` for ``l_q, l_v, l_u``.
+        rank: bottleneck width r (12 in the paper; the kernels support 1..64).
+        activation: ``"gelu"`` (default), ``"gelu_tanh"``, ``"relu"`` or ``"silu"``.
+        backend: optional backend for every call (None: automatic / context / environment).
+        device, dtype: of the parameters.
+
+    Forward: ``h [B, T, d_model]`` and ``pool_index [B]`` int64 -> a tuple of ``[B, n_i]`` vectors
+    in the parameters' dtype.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        out_sizes: Sequence[int],
+        rank: int = 12,
+        activation: str = "gelu",
+        *,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        sizes = tuple(int(s) for s in out_sizes)
+        if d_model < 1:
+            raise ValueError(f"PARAVectorGenerator: d_model must be >= 1, got {d_model}")
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError(f"PARAVectorGenerator: out_sizes must be positive widths, got {list(out_sizes)}")
+        if rank < 1:
+            raise ValueError(f"PARAVectorGenerator: rank must be >= 1, got {rank}")
+        activation_code(activation, "PARAVectorGenerator")
+        self.d_model, self.out_sizes, self.rank, self.activation, self.backend = (
+            d_model,
+            sizes,
+            rank,
+            activation,
+            backend,
+        )
+        factory = {"device": device, "dtype": dtype}
+        self.w_down = nn.Parameter(torch.empty(d_model, rank, **factory))
+        self.w_up = nn.Parameter(torch.empty(rank, sum(sizes), **factory))
+        self.b_up = nn.Parameter(torch.empty(sum(sizes), **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The paper's init: the generator outputs all-ones vectors until w_up learns."""
+        with torch.no_grad():
+            nn.init.normal_(self.w_down, mean=0.0, std=0.02)
+            nn.init.zeros_(self.w_up)
+            nn.init.ones_(self.b_up)
+
+    def forward(self, h: Tensor, pool_index: Tensor) -> tuple[Tensor, ...]:
+        out = para_vector_gen(h, pool_index, self.w_down, self.w_up, self.b_up, self.activation, backend=self.backend)
+        return tuple(torch.split(out, self.out_sizes, dim=-1))
+
+    def extra_repr(self) -> str:
+        sizes = list(self.out_sizes)
+        return f"d_model={self.d_model}, out_sizes={sizes}, rank={self.rank}, activation={self.activation!r}"
