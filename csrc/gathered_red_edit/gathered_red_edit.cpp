@@ -188,15 +188,6 @@ namespace {
 
 using namespace gathered_isa;
 
-template <typename F>
-void dispatch_bool(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 at::Tensor gathered_red_edit_fwd_cpu(const at::Tensor& h, const c10::optional<at::Tensor>& scales,
                                      const c10::optional<at::Tensor>& biases,
                                      const at::Tensor& tenant_ids) {

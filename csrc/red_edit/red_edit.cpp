@@ -77,15 +77,6 @@ RK_END_AVX2
 
 namespace {
 
-template <typename F>
-void dispatch_bool(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 at::Tensor red_edit_fwd_cpu(const at::Tensor& h, const c10::optional<at::Tensor>& scale,
                             const c10::optional<at::Tensor>& bias) {
   red_edit_check(h, scale, bias);

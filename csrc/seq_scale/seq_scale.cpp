@@ -198,15 +198,6 @@ at::Tensor seq_scale_fwd_cpu(const at::Tensor& x, const at::Tensor& vec,
   return out;
 }
 
-template <typename F>
-void dispatch_bool(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> seq_scale_bwd_cpu(const at::Tensor& grad_out,
                                                      const c10::optional<at::Tensor>& x,
                                                      const at::Tensor& vec,
