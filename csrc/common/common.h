@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define RK_HD __host__ __device__ __forceinline__
@@ -25,5 +26,16 @@ template <typename T>
 using acc_t = typename AccType<T>::type;
 
 RK_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Turn a run-time flag into a compile-time one: f(std::true_type{}) or f(std::false_type{}), so a
+// kernel template can drop the work for a gradient nobody needs.
+template <typename F>
+void dispatch_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
 
 }  // namespace red_kernels

@@ -8,7 +8,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #define RK_HAVE_AVX2_PATH 1
@@ -29,17 +28,6 @@
 #endif
 
 namespace red_kernels {
-
-// Turn a run-time flag into a compile-time one: f(std::true_type{}) or f(std::false_type{}), so a
-// kernel template can drop the work for a gradient nobody needs.
-template <typename F>
-void dispatch_bool(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
 
 inline bool cpu_use_avx2() {
 #if RK_HAVE_AVX2_PATH

@@ -96,23 +96,14 @@ template <typename T, typename A>
 void launch_bwd(bool nh, bool ns, bool nb, const T* g, int64_t gs, const T* h, int64_t hs,
                 const A* s, T* gh, A* pgh, A* pg, int64_t m, int64_t d, int64_t rpb,
                 int64_t nblocks, cudaStream_t st) {
-  const int code = (nh ? 4 : 0) | (ns ? 2 : 0) | (nb ? 1 : 0);
-  switch (code) {
-#define RK_CASE(c, NH, NS, NB)                                                                \
-  case c:                                                                                     \
-    launch_bwd_flags<T, A, NH, NS, NB>(g, gs, h, hs, s, gh, pgh, pg, m, d, rpb, nblocks, st); \
-    break;
-    RK_CASE(1, false, false, true)
-    RK_CASE(2, false, true, false)
-    RK_CASE(3, false, true, true)
-    RK_CASE(4, true, false, false)
-    RK_CASE(5, true, false, true)
-    RK_CASE(6, true, true, false)
-    RK_CASE(7, true, true, true)
-#undef RK_CASE
-    default:
-      break;
-  }
+  dispatch_bool(nh, [&](auto NH) {
+    dispatch_bool(ns, [&](auto NS) {
+      dispatch_bool(nb, [&](auto NB) {
+        launch_bwd_flags<T, A, decltype(NH)::value, decltype(NS)::value, decltype(NB)::value>(
+            g, gs, h, hs, s, gh, pgh, pg, m, d, rpb, nblocks, st);
+      });
+    });
+  });
 }
 
 at::Tensor red_edit_fwd_cuda(const at::Tensor& h, const c10::optional<at::Tensor>& scale,
