@@ -109,6 +109,23 @@ void gathered_bwd_check(const at::Tensor& grad_out, const c10::optional<at::Tens
   check_ids(tenant_ids, grad_out, "grad_out");
 }
 
+GatheredGrads gathered_bwd_outputs(const at::Tensor& grad_out, int64_t num_tenants, bool need_h,
+                                   bool need_scales, bool need_biases) {
+  const int64_t d = grad_out.size(-1);
+  const auto opts = grad_out.options();
+  const auto acc = opts.dtype(grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  GatheredGrads out;
+  out.empty_work = grad_out.numel() == 0 || !(need_h || need_scales || need_biases);
+  out.grad_h = need_h ? empty_output(grad_out.sizes(), opts) : at::empty({0}, opts);
+  const auto sums = [&](bool need) {
+    if (!need) return at::empty({0}, acc);
+    return out.empty_work ? at::zeros({num_tenants, d}, acc) : at::empty({num_tenants, d}, acc);
+  };
+  out.sum_gh = sums(need_scales);
+  out.sum_g = sums(need_biases);
+  return out;
+}
+
 int64_t gathered_rows_per_unit(const at::Tensor& h, const at::Tensor& tenant_ids) {
   int64_t t = 1;
   for (int64_t i = tenant_ids.dim(); i + 1 < h.dim(); ++i) t *= h.size(i);
@@ -243,17 +260,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cpu(
   const int64_t d = grad_out.size(-1);
   const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = grad_out.options();
-  at::Tensor grad_h = need_h ? empty_output(grad_out.sizes(), opts) : at::empty({0}, opts);
-  // Gradients that are not needed come back as empty [0] tensors (the fake impl's shape).
-  at::Tensor sum_gh =
-      need_scales ? at::zeros({K, d}, opts.dtype(acc)) : at::empty({0}, opts.dtype(acc));
-  at::Tensor sum_g =
-      need_biases ? at::zeros({K, d}, opts.dtype(acc)) : at::empty({0}, opts.dtype(acc));
+  GatheredGrads out = gathered_bwd_outputs(grad_out, K, need_h, need_scales, need_biases);
+  if (out.empty_work) return out.finish(param_dtype);
+  at::Tensor& grad_h = out.grad_h;
+  at::Tensor& sum_gh = out.sum_gh;
+  at::Tensor& sum_g = out.sum_g;
   const at::Tensor g = as_rows(grad_out);
   const int64_t m = g.size(0);
-  if (m == 0 || d == 0 || !(need_h || need_scales || need_biases)) {
-    return {grad_h, sum_gh.to(param_dtype), sum_g.to(param_dtype)};
-  }
   const int64_t T = gathered_rows_per_unit(grad_out, tenant_ids);
   const int64_t rows_per_chunk =
       red_edit_rows_per_block(m, 64, std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1)));
@@ -313,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cpu(
         if (need_scales) segmented_column_sum_cpu<A>(pgh, seg, K, d, sum_gh.mutable_data_ptr<A>());
         if (need_biases) segmented_column_sum_cpu<A>(pg, seg, K, d, sum_g.mutable_data_ptr<A>());
       });
-  return {grad_h, sum_gh.to(param_dtype), sum_g.to(param_dtype)};
+  return out.finish(param_dtype);
 }
 
 }  // namespace

@@ -8,6 +8,8 @@
 // h [B, T, d], a single token for packed ids [N] on h [N, d].
 #pragma once
 
+#include <tuple>
+
 #include "common/common.h"
 #include "red_edit/red_edit.h"
 
@@ -60,6 +62,19 @@ void gathered_bwd_check(const at::Tensor& grad_out, const c10::optional<at::Tens
                         int64_t num_tenants, bool need_scales);
 // Units and rows per unit of h's [m, d] view for these ids.
 int64_t gathered_rows_per_unit(const at::Tensor& h, const at::Tensor& tenant_ids);
+// Output tensors of the backward pass, shared by the CPU and CUDA entry points: grad_h (grad_out's
+// shape, or [0] when not needed) and the per-tenant sums [K, d] in the accumulation dtype (or [0]).
+// `empty_work` is true when there is nothing to compute; the sums are then zero-filled, otherwise
+// the segmented column sum writes every entry (tenants absent from the batch get 0 there).
+struct GatheredGrads {
+  at::Tensor grad_h, sum_gh, sum_g;
+  bool empty_work;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(at::ScalarType param_dtype) const {
+    return {grad_h, sum_gh.to(param_dtype), sum_g.to(param_dtype)};
+  }
+};
+GatheredGrads gathered_bwd_outputs(const at::Tensor& grad_out, int64_t num_tenants, bool need_h,
+                                   bool need_scales, bool need_biases);
 // The backward plan from checked ids on the CPU.
 GatheredPlan gathered_plan(const at::Tensor& ids_cpu, int64_t num_tenants, int64_t rows_per_unit,
                            int64_t rows_per_chunk);

@@ -174,19 +174,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cuda(
   const int64_t d = grad_out.size(-1);
   const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = grad_out.options();
-  at::Tensor grad_h =
-      need_h ? at::empty(grad_out.sizes(), opts.memory_format(at::MemoryFormat::Contiguous))
-             : at::empty({0}, opts);
-  // Gradients that are not needed come back as empty [0] tensors (the fake impl's shape).
-  at::Tensor sum_gh =
-      need_scales ? at::zeros({K, d}, opts.dtype(acc)) : at::empty({0}, opts.dtype(acc));
-  at::Tensor sum_g =
-      need_biases ? at::zeros({K, d}, opts.dtype(acc)) : at::empty({0}, opts.dtype(acc));
+  GatheredGrads out = gathered_bwd_outputs(grad_out, K, need_h, need_scales, need_biases);
+  if (out.empty_work) return out.finish(param_dtype);
+  at::Tensor& grad_h = out.grad_h;
+  at::Tensor& sum_gh = out.sum_gh;
+  at::Tensor& sum_g = out.sum_g;
   const at::Tensor g = as_rows(grad_out);
   const int64_t m = g.size(0);
-  if (m == 0 || d == 0 || !(need_h || need_scales || need_biases)) {
-    return {grad_h, sum_gh.to(param_dtype), sum_g.to(param_dtype)};
-  }
   const int64_t T = gathered_rows_per_unit(grad_out, tenant_ids);
   const GatheredPlan plan = gathered_plan(ids_cpu, K, T, red_edit_rows_per_block(m, 256, 16));
   const at::Tensor table = plan.table.to(grad_out.device());  // one host -> device copy
@@ -225,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cuda(
                                          sum_g.mutable_data_ptr<A>(), K, d, stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-  return {grad_h, sum_gh.to(param_dtype), sum_g.to(param_dtype)};
+  return out.finish(param_dtype);
 }
 
 }  // namespace

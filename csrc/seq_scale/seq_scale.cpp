@@ -160,11 +160,6 @@ RK_END_AVX2
 
 namespace {
 
-template <typename T>
-StridedRows<const T> strided(const SeqRows& rows) {
-  return {rows.t.const_data_ptr<T>(), rows.t_len, rows.s_b, rows.s_t};
-}
-
 // out = src * vec[seq] over all rows, parallel over rows (forward, and grad_x without grad_vec).
 void scale_all_rows(const at::Tensor& src, const at::Tensor& vec, const at::Tensor* seq_index,
                     at::Tensor& out) {

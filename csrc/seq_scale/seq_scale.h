@@ -68,6 +68,12 @@ struct SeqRows {
   int64_t t_len = 1, s_b = 0, s_t = 0;
 };
 
+// The kernels' read-only view of rows prepared by seq_scale_rows.
+template <typename T>
+StridedRows<const T> strided(const SeqRows& rows) {
+  return {rows.t.const_data_ptr<T>(), rows.t_len, rows.s_b, rows.s_t};
+}
+
 // Work plan of the backward reduction. Rows are visited in "positions" grouped by sequence:
 // position p holds row perm[p] (perm undefined: row p, i.e. rows already grouped). Sequence b owns
 // positions [seg_off[b], seg_off[b+1]), cut into chunks of at most chunk_rows positions; chunk k is

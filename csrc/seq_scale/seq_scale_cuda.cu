@@ -114,11 +114,6 @@ void launch_segment_sum(const A* part, const int64_t* chunk_off, A* out, int64_t
   segment_sum_kernel<A><<<grid, kSumThreads, 0, stream>>>(part, chunk_off, out, n);
 }
 
-template <typename T>
-StridedRows<const T> strided(const SeqRows& rows) {
-  return {rows.t.const_data_ptr<T>(), rows.t_len, rows.s_b, rows.s_t};
-}
-
 // out = src * vec[seq] over all rows (forward, and grad_x without grad_vec). seq_index validated.
 void scale_all_rows(const at::Tensor& src, const at::Tensor& vec, const at::Tensor* seq_index,
                     at::Tensor& out) {
