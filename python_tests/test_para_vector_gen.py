@@ -167,6 +167,38 @@ def test_opcheck(backend):
     torch.library.opcheck(_para_backward_op, (g, det[0], p, *det[1:], None, "gelu", True, False, backend))
 
 
+def test_compiled_backend_has_cpp_autograd():
+    """Eager calls on the compiled backend go to the C++ op, whose autograd (registered in C++) and
+    fake impls pass opcheck, plain and multi-tenant; the op also runs without autograd."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("compiled extension not built")
+    op = torch.ops.red_kernels_C.para_vector_gen
+    h, p, wd, wu, bu = make_inputs(3, 4, 16, 5, 12, torch.float32)
+    out = rk.para_vector_gen(h, p, wd, wu, bu, backend="cpu")
+    assert "ParaVectorGenFunction" in out.grad_fn.name()
+    torch.library.opcheck(op, (h, p, wd, wu, bu, None, 0))
+    torch.library.opcheck(op, (h.detach(), p, wd, wu.detach(), bu, None, 3))
+    hg, pg, wdg, wug, bug = make_inputs(4, 3, 16, 5, 12, torch.bfloat16, k=3)
+    torch.library.opcheck(op, (hg, pg, wdg, wug, bug, torch.tensor([2, -1, 0, 2]), 1))
+    g = torch.randn(3, 12)
+    det = [t.detach() for t in (h, wd, wu, bu)]
+    torch.library.opcheck(torch.ops.red_kernels_C.para_vector_gen_bwd, (g, det[0], p, *det[1:], None, 0, True, False))
+    with torch.inference_mode():
+        got = rk.para_vector_gen(h, p, wd, wu, bu, backend="cpu")
+    torch.testing.assert_close(got, out.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_h_reaches_leaf_without_copy(backend):
+    """The dense grad_h the kernel writes becomes h.grad itself: an extra reference kept by the op's
+    backward would make autograd clone the whole [B, T, d] tensor (it did, and cost 5x)."""
+    h, p, wd, wu, bu = make_inputs(2, 300, 64, 4, 8, torch.float32)
+    seen = []
+    h.register_hook(lambda g: seen.append(g.data_ptr()))
+    rk.para_vector_gen(h, p, wd, wu, bu, backend=backend).sum().backward()
+    assert seen == [h.grad.data_ptr()]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_fullgraph(backend):
     torch._dynamo.reset()
@@ -231,17 +263,18 @@ def test_cpp_checks_name_the_argument():
     """The compiled ops check their arguments and index values too (C++ callers skip Python)."""
     if "cpu" not in BACKENDS:
         pytest.skip("compiled extension not built")
-    op = torch.ops.red_kernels_C.para_vector_gen_fwd
+    op = torch.ops.red_kernels_C.para_vector_gen
     h, p, wd, wu, bu = (t.detach() for t in make_inputs(3, 5, 8, 4, 6, torch.float32))
-    wd, wu, bu = wd[None], wu[None], bu[None]
     with pytest.raises(ValueError, match="'pool_index'"):
         op(h, torch.tensor([0, 7, 1]), wd, wu, bu, None, 0)
     with pytest.raises(ValueError, match="'tenant_ids'"):
-        op(h, p, wd, wu, bu, torch.tensor([0, 1, 0]), 0)
+        op(h, p, wd[None], wu[None], bu[None], torch.tensor([0, 1, 0]), 0)
     with pytest.raises(ValueError, match="'w_down'"):
-        op(h, p, torch.cat([wd, wd]), wu, bu, None, 0)  # K = 2 without tenant ids
+        op(h, p, torch.stack([wd, wd]), wu, bu, None, 0)  # K = 2 without tenant ids
+    with pytest.raises(ValueError, match="'w_up'"):
+        op(h, p, wd, wu[:3], bu, None, 0)
     with pytest.raises(ValueError, match="'b_up'"):
-        op(h, p, wd, wu, bu[..., :5], None, 0)
+        op(h, p, wd, wu, bu[:5], None, 0)
     with pytest.raises(ValueError, match="'activation'"):
         op(h, p, wd, wu, bu, None, 9)
     with pytest.raises(ValueError, match="'grad_out'"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +48,24 @@ class BackendInfo:
         return f"{self.name:<10} {state:<12} devices: {devices:<10} {self.reason}"
 
 
+_ext_hooks: list[Callable[[], None]] = []
+_ext_loaded = False
+
+
+def when_extension_loads(hook: Callable[[], None]) -> None:
+    """Run ``hook`` once ``red_kernels._C`` is loaded: now if it already is, else right after it
+    loads. The ops modules register the fake impls of their C++ ops this way (a fake impl can only
+    be attached to an op that exists, and loading the extension stays lazy)."""
+    if _ext_loaded:
+        hook()
+    else:
+        _ext_hooks.append(hook)
+
+
 @functools.cache
 def extension_status() -> tuple[bool, str]:
     """Load ``red_kernels._C`` once; return (loaded, reason)."""
+    global _ext_loaded
     if os.environ.get("RED_KERNELS_DISABLE_EXT", "0") == "1":
         return False, "disabled by RED_KERNELS_DISABLE_EXT=1"
     try:
@@ -59,6 +74,9 @@ def extension_status() -> tuple[bool, str]:
         return False, (
             f"compiled extension red_kernels._C not built ({exc}); build with `pip install --no-build-isolation -e .`"
         )
+    _ext_loaded = True
+    while _ext_hooks:
+        _ext_hooks.pop(0)()
     return True, "compiled extension red_kernels._C"
 
 

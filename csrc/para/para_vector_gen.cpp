@@ -1,11 +1,13 @@
 // para_vector_gen (plain and multi-tenant): operator schemas (red_kernels_C namespace), the host
-// checks shared with the CUDA entry points, and the CPU kernels.
+// checks shared with the CUDA entry points, the CPU kernels, and the op's autograd.
 //
-//   para_vector_gen_fwd(h[B,T,d], pool_index[B], w_down[K,d,r], w_up[K,r,n], b_up[K,n],
-//                       tenant_ids[B]?, activation) -> out[B, n]              (weights' dtype)
+//   para_vector_gen(h[B,T,d], pool_index[B], w_down, w_up, b_up, tenant_ids[B]?, activation)
+//       -> out[B, n]                                                          (weights' dtype)
 //   para_vector_gen_bwd(grad_out[B,n], h, pool_index, w_down, w_up, b_up, tenant_ids?, activation,
 //                       need_h, need_w) -> (grad_h[B,T,d], grad_w_down, grad_w_up, grad_b_up)
-// The plain op is K = 1 without tenant ids. A gradient that is not needed comes back empty.
+// Weights: [d, r], [r, n], [n] without tenant ids (one generator); [K, d, r], [K, r, n], [K, n]
+// with them. para_vector_gen is differentiable (autograd registered here, for CPU and CUDA); a
+// gradient that is not needed comes back empty from para_vector_gen_bwd.
 #include "para/para_vector_gen.h"
 
 #include <ATen/Parallel.h>
@@ -18,6 +20,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/zeros.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -37,8 +40,15 @@ namespace red_kernels {
 
 namespace {
 
-// min and max of a non-empty int64 index tensor, read on the host (a sync on CUDA).
+// min and max of a non-empty int64 index tensor, read on the host: a loop over the values on CPU
+// (no tensor op), aminmax and one sync on CUDA.
 std::pair<int64_t, int64_t> index_range(const at::Tensor& idx) {
+  if (idx.is_cpu()) {
+    const at::Tensor c = idx.contiguous();
+    const int64_t* v = c.const_data_ptr<int64_t>();
+    const auto [lo, hi] = std::minmax_element(v, v + c.numel());
+    return {*lo, *hi};
+  }
   const auto mm = at::aminmax(idx);
   return {std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>()};
 }
@@ -54,25 +64,37 @@ void check_index_tensor(const at::Tensor& idx, const char* name, int64_t batch,
 
 }  // namespace
 
-void para_check(const at::Tensor& h, const at::Tensor& pool_index, const at::Tensor& w_down,
-                const at::Tensor& w_up, const at::Tensor& b_up,
-                const c10::optional<at::Tensor>& tenant_ids, int64_t activation) {
+ParaInputs para_prepare(const at::Tensor& h, const at::Tensor& pool_index, const at::Tensor& w_down,
+                        const at::Tensor& w_up, const at::Tensor& b_up,
+                        const c10::optional<at::Tensor>& tenant_ids, int64_t activation) {
   RK_CHECK_ARG(h.dim() == 3, "h", "expected [B, T, d], got shape ", h.sizes());
   check_floating(h, "h");
   const int64_t batch = h.size(0), t = h.size(1), d = h.size(2);
   check_index_tensor(pool_index, "pool_index", batch, h);
-  RK_CHECK_ARG(w_down.dim() == 3, "w_down", "expected [K, d, r], got shape ", w_down.sizes());
-  RK_CHECK_ARG(w_up.dim() == 3, "w_up", "expected [K, r, n_out], got shape ", w_up.sizes());
-  RK_CHECK_ARG(b_up.dim() == 2, "b_up", "expected [K, n_out], got shape ", b_up.sizes());
-  const int64_t k = w_down.size(0), r = w_down.size(2), n = w_up.size(2);
-  RK_CHECK_ARG(w_down.size(1) == d, "w_down", "has input size ", w_down.size(1),
+  const bool plain = !tenant_ids.has_value();
+  const int64_t lead = plain ? 0 : 1;
+  RK_CHECK_ARG(w_down.dim() == 2 + lead, "w_down", "expected ", plain ? "[d, r]" : "[K, d, r]",
+               plain ? " (one generator without 'tenant_ids')" : "", ", got shape ",
+               w_down.sizes());
+  RK_CHECK_ARG(w_up.dim() == 2 + lead, "w_up", "expected ", plain ? "[r, n_out]" : "[K, r, n_out]",
+               ", got shape ", w_up.sizes());
+  RK_CHECK_ARG(b_up.dim() == 1 + lead, "b_up", "expected ", plain ? "[n_out]" : "[K, n_out]",
+               ", got shape ", b_up.sizes());
+  // From here on the gathered form: the plain op is the one-generator case.
+  const at::Tensor wd = plain ? w_down.unsqueeze(0) : w_down;
+  const at::Tensor wu = plain ? w_up.unsqueeze(0) : w_up;
+  const at::Tensor bu = plain ? b_up.unsqueeze(0) : b_up;
+  const int64_t k = wd.size(0), r = wd.size(2), n = wu.size(2);
+  RK_CHECK_ARG(wd.size(1) == d, "w_down", "has input size ", wd.size(1),
                " but the last dim of 'h' is ", d);
   RK_CHECK_ARG(r >= 1 && r <= kParaMaxRank, "w_down", "rank ", r, " outside the supported 1..",
                kParaMaxRank);
-  RK_CHECK_ARG(w_up.size(0) == k && w_up.size(1) == r, "w_up", "expected [", k, ", ", r,
-               ", n_out] to match 'w_down' ", w_down.sizes(), ", got ", w_up.sizes());
-  RK_CHECK_ARG(b_up.size(0) == k && b_up.size(1) == n, "b_up", "expected [", k, ", ", n,
-               "] to match 'w_up', got ", b_up.sizes());
+  RK_CHECK_ARG(wu.size(0) == k && wu.size(1) == r, "w_up", "shape ", w_up.sizes(),
+               " does not match 'w_down' ", w_down.sizes(), " (expected ",
+               plain ? "[r, n_out]" : "[K, r, n_out]", ")");
+  RK_CHECK_ARG(bu.size(0) == k && bu.size(1) == n, "b_up", "shape ", b_up.sizes(),
+               " does not match 'w_up' ", w_up.sizes(), " (expected ",
+               plain ? "[n_out]" : "[K, n_out]", ")");
   for (const auto& [w, name] : {std::pair<const at::Tensor&, const char*>{w_down, "w_down"},
                                 {w_up, "w_up"},
                                 {b_up, "b_up"}}) {
@@ -88,16 +110,18 @@ void para_check(const at::Tensor& h, const at::Tensor& pool_index, const at::Ten
     RK_CHECK_ARG(lo >= 0 && hi < t, "pool_index", "values must lie in [0, ", t,
                  ") (the sequence length of 'h'), got min ", lo, " and max ", hi);
   }
-  if (tenant_ids.has_value()) {
+  ParaInputs in{pool_index.contiguous(), wd.contiguous(), wu.contiguous(), bu.contiguous(),
+                c10::nullopt};
+  if (!plain) {
     check_index_tensor(*tenant_ids, "tenant_ids", batch, h);
     if (batch > 0) {
       const auto [lo, hi] = index_range(*tenant_ids);
       RK_CHECK_ARG(lo >= -1 && hi < k, "tenant_ids", "values must lie in [-1, ", k,
                    ") (-1 = no generator; K = w_down.size(0)), got min ", lo, " and max ", hi);
     }
-  } else {
-    RK_CHECK_ARG(k == 1, "w_down", "holds ", k, " generators but no 'tenant_ids' were given");
+    in.tenant_ids = tenant_ids->contiguous();
   }
+  return in;
 }
 
 std::tuple<at::Tensor, at::Tensor> para_segments(const c10::optional<at::Tensor>& tenant_ids,
@@ -139,11 +163,34 @@ namespace avx2 {
 RK_END_AVX2
 #endif
 
+// Rows of the batch grouped by tenant on the host (CPU ids), with para_segments' meaning: a
+// stable counting sort, so tenant k owns rows[offsets[k] .. offsets[k + 1]) in batch order and the
+// rows of tenant -1 come first. No tensor is allocated: this runs on every call.
+struct HostSegments {
+  std::vector<int64_t> rows, offsets;  // offsets: K + 1 entries
+};
+
+HostSegments host_segments(const int64_t* ids, int64_t batch, int64_t num_tenants) {
+  HostSegments s{std::vector<int64_t>(batch), std::vector<int64_t>(num_tenants + 1, 0)};
+  if (ids == nullptr) {  // the plain op: one generator owns every row
+    for (int64_t b = 0; b < batch; ++b) s.rows[b] = b;
+    s.offsets[1] = batch;
+    return s;
+  }
+  // Slot id + 1 counts the rows of tenant id; the running sum makes offsets[j] = #rows with id < j
+  // (offsets[0] = the rows of tenant -1).
+  for (int64_t b = 0; b < batch; ++b) ++s.offsets[ids[b] + 1];
+  for (int64_t j = 1; j <= num_tenants; ++j) s.offsets[j] += s.offsets[j - 1];
+  std::vector<int64_t> next(num_tenants + 1, 0);  // next free place of each slot
+  for (int64_t j = 1; j <= num_tenants; ++j) next[j] = s.offsets[j - 1];
+  for (int64_t b = 0; b < batch; ++b) s.rows[next[ids[b] + 1]++] = b;
+  return s;
+}
+
 // Groups of at most kGroup rows of one tenant, as flat (tenant, first index into rows, count)
 // triples, in tenant order: the units of the CPU register-blocked projections.
-std::vector<int64_t> row_groups(const at::Tensor& offsets_t, int64_t num_tenants) {
+std::vector<int64_t> row_groups(const std::vector<int64_t>& offsets, int64_t num_tenants) {
   constexpr int64_t group = 4;  // kGroup in para_vector_gen_cpu_kernels.inc
-  const int64_t* offsets = offsets_t.const_data_ptr<int64_t>();
   std::vector<int64_t> groups;
   for (int64_t k = 0; k < num_tenants; ++k) {
     for (int64_t s = offsets[k]; s < offsets[k + 1]; s += group) {
@@ -153,40 +200,30 @@ std::vector<int64_t> row_groups(const at::Tensor& offsets_t, int64_t num_tenants
   return groups;
 }
 
-struct Inputs {
-  at::Tensor pool_index, w_down, w_up, b_up;
-  c10::optional<at::Tensor> tenant_ids;
-};
-
-Inputs contiguous_inputs(const at::Tensor& pool_index, const at::Tensor& w_down,
-                         const at::Tensor& w_up, const at::Tensor& b_up,
-                         const c10::optional<at::Tensor>& tenant_ids) {
-  Inputs in{pool_index.contiguous(), w_down.contiguous(), w_up.contiguous(), b_up.contiguous(),
-            c10::nullopt};
-  if (tenant_ids.has_value()) in.tenant_ids = tenant_ids->contiguous();
-  return in;
+HostSegments cpu_segments(const ParaInputs& in, int64_t batch) {
+  return host_segments(
+      in.tenant_ids.has_value() ? in.tenant_ids->const_data_ptr<int64_t>() : nullptr, batch,
+      in.w_down.size(0));
 }
 
 at::Tensor para_fwd_cpu(const at::Tensor& h, const at::Tensor& pool_index, const at::Tensor& w_down,
                         const at::Tensor& w_up, const at::Tensor& b_up,
                         const c10::optional<at::Tensor>& tenant_ids, int64_t activation) {
-  para_check(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
-  const Inputs in = contiguous_inputs(pool_index, w_down, w_up, b_up, tenant_ids);
-  const int64_t batch = h.size(0), n = w_up.size(2), r = w_down.size(2);
+  const ParaInputs in = para_prepare(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
+  const int64_t batch = h.size(0), n = in.w_up.size(2), r = in.w_down.size(2);
   at::Tensor out =
       at::empty({batch, n}, w_up.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
+  const HostSegments seg = cpu_segments(in, batch);
+  const std::vector<int64_t> groups = row_groups(seg.offsets, in.w_down.size(0));
+  const int64_t ngroups = static_cast<int64_t>(groups.size() / 3);
+  const int64_t* rows = seg.rows.data();
+  const int64_t no_tenant_rows = seg.offsets[0];
   para_dispatch(h.scalar_type(), w_up.scalar_type(), [&](auto* tp, auto* wp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     using W = std::remove_pointer_t<decltype(wp)>;
     using A = para_acc_t<T, W>;
-    const auto p =
-        para_args<T, W>(h, in.pool_index, in.w_down, in.w_up, in.b_up, in.tenant_ids, activation);
-    const auto [rows_t, offsets_t] = para_segments(in.tenant_ids, batch, w_down.size(0), h);
-    const std::vector<int64_t> groups = row_groups(offsets_t, w_down.size(0));
-    const int64_t ngroups = static_cast<int64_t>(groups.size() / 3);
-    const int64_t* rows = rows_t.const_data_ptr<int64_t>();
-    const int64_t no_tenant_rows = offsets_t.const_data_ptr<int64_t>()[0];
+    const auto p = para_args<T, W>(h, in, activation);
     std::vector<A> z(batch * r), a(batch * r);
     // Stage 1 (each group's reduction over d) then stage 2 (columns of the up projection): each
     // w_up tile is read once per group of rows.
@@ -210,15 +247,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& pool_index,
     const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& b_up,
     const c10::optional<at::Tensor>& tenant_ids, int64_t activation, bool need_h, bool need_w) {
-  para_check(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
+  const ParaInputs in = para_prepare(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
   const int64_t batch = h.size(0), t = h.size(1), d = h.size(2);
-  const int64_t k_count = w_down.size(0), r = w_down.size(2), n = w_up.size(2);
-  RK_CHECK_ARG(grad_out.dim() == 2 && grad_out.size(0) == batch && grad_out.size(1) == n,
-               "grad_out", "expected shape [", batch, ", ", n, "], got ", grad_out.sizes());
-  RK_CHECK_ARG(grad_out.scalar_type() == w_up.scalar_type(), "grad_out", "dtype ",
-               grad_out.scalar_type(), " differs from the weights' dtype ", w_up.scalar_type());
-  check_same_device(h, "h", grad_out, "grad_out");
-  const Inputs in = contiguous_inputs(pool_index, w_down, w_up, b_up, tenant_ids);
+  const int64_t k_count = in.w_down.size(0), r = in.w_down.size(2), n = in.w_up.size(2);
+  para_check_grad_out(grad_out, h, w_up, batch, n);
   const at::Tensor g = grad_out.contiguous();
   const auto wopts = w_up.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor grad_h = need_h ? empty_output(h.sizes(), h.options()) : at::empty({0}, h.options());
@@ -232,16 +264,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cpu(
   }
   if (batch == 0 || !(need_h || need_w)) return {grad_h, gwd, gwu, gbu};
 
-  const auto [rows_t, offsets_t] = para_segments(in.tenant_ids, batch, k_count, h);
+  const HostSegments seg = cpu_segments(in, batch);
+  const std::vector<int64_t> groups = row_groups(seg.offsets, k_count);
+  const int64_t* rows = seg.rows.data();
+  const int64_t* offsets = seg.offsets.data();
   para_dispatch(h.scalar_type(), w_up.scalar_type(), [&](auto* tp, auto* wp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     using W = std::remove_pointer_t<decltype(wp)>;
     using A = para_acc_t<T, W>;
-    const auto p =
-        para_args<T, W>(h, in.pool_index, in.w_down, in.w_up, in.b_up, in.tenant_ids, activation);
+    const auto p = para_args<T, W>(h, in, activation);
     const W* gp = g.const_data_ptr<W>();
-    const std::vector<int64_t> groups = row_groups(offsets_t, k_count);
-    const int64_t* rows = rows_t.const_data_ptr<int64_t>();
     std::vector<A> z(batch * r), a(batch * r), gz(batch * r);
     // Row stage: z, a = act(z) per group of rows, then gz = (g @ w_up^T) * act'(z) per row.
     at::parallel_for(0, static_cast<int64_t>(groups.size() / 3), 1, [&](int64_t q0, int64_t q1) {
@@ -260,7 +292,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cpu(
       });
     }
     if (need_w) {
-      const int64_t* offsets = offsets_t.const_data_ptr<int64_t>();
       W* gwu_p = gwu.mutable_data_ptr<W>();
       W* gbu_p = gbu.mutable_data_ptr<W>();
       W* gwd_p = gwd.mutable_data_ptr<W>();
@@ -288,11 +319,76 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cpu(
   return {grad_h, gwd, gwu, gbu};
 }
 
+// Autograd of para_vector_gen, in C++ (the pattern of torchvision's C++ ops): an eager call with
+// autograd recording costs one dispatcher call instead of the Python custom op's ~30 us, which is
+// most of this op's time at PARA sizes. The kernels below it are the CPU or CUDA ones above.
+class ParaVectorGenFunction : public torch::autograd::Function<ParaVectorGenFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h,
+                            const at::Tensor& pool_index, const at::Tensor& w_down,
+                            const at::Tensor& w_up, const at::Tensor& b_up,
+                            const c10::optional<at::Tensor>& tenant_ids, int64_t activation) {
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["has_ids"] = tenant_ids.has_value();
+    ctx->save_for_backward({h, pool_index, w_down, w_up, b_up, tenant_ids.value_or(at::Tensor())});
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("red_kernels_C::para_vector_gen", "")
+                               .typed<decltype(para_fwd_cpu)>();
+    return op.call(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    c10::optional<at::Tensor> tenant_ids;
+    if (ctx->saved_data["has_ids"].toBool()) tenant_ids = saved[5];
+    // Edges follow the tensor arguments: h 0, pool_index 1, w_down 2, w_up 3, b_up 4.
+    const bool need_h = ctx->needs_input_grad(0);
+    const bool need_w =
+        ctx->needs_input_grad(2) || ctx->needs_input_grad(3) || ctx->needs_input_grad(4);
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("red_kernels_C::para_vector_gen_bwd", "")
+                               .typed<decltype(para_bwd_cpu)>();
+    auto [gh, gwd, gwu, gbu] =
+        op.call(grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3], saved[4], tenant_ids,
+                ctx->saved_data["activation"].toInt(), need_h, need_w);
+    // Moved, not copied: autograd hands a gradient that nobody else references straight to
+    // h.grad; one extra reference would make it clone the whole [B, T, d] tensor.
+    const auto keep = [](bool need, at::Tensor& g) { return need ? std::move(g) : at::Tensor(); };
+    return {keep(need_h, gh),
+            at::Tensor(),
+            keep(ctx->needs_input_grad(2), gwd),
+            keep(ctx->needs_input_grad(3), gwu),
+            keep(ctx->needs_input_grad(4), gbu),
+            at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor para_fwd_autograd(const at::Tensor& h, const at::Tensor& pool_index,
+                             const at::Tensor& w_down, const at::Tensor& w_up,
+                             const at::Tensor& b_up, const c10::optional<at::Tensor>& tenant_ids,
+                             int64_t activation) {
+  return ParaVectorGenFunction::apply(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
+}
+
 }  // namespace
 
+void para_check_grad_out(const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& w_up,
+                         int64_t batch, int64_t n) {
+  RK_CHECK_ARG(grad_out.dim() == 2 && grad_out.size(0) == batch && grad_out.size(1) == n,
+               "grad_out", "expected shape [", batch, ", ", n, "], got ", grad_out.sizes());
+  RK_CHECK_ARG(grad_out.scalar_type() == w_up.scalar_type(), "grad_out", "dtype ",
+               grad_out.scalar_type(), " differs from the weights' dtype ", w_up.scalar_type());
+  check_same_device(h, "h", grad_out, "grad_out");
+}
+
 TORCH_LIBRARY_FRAGMENT(red_kernels_C, m) {
+  // Fake (meta) impls for torch.compile and opcheck live in this Python module.
+  m.set_python_module("red_kernels.ops.para_vector_gen");
   m.def(
-      "para_vector_gen_fwd(Tensor h, Tensor pool_index, Tensor w_down, Tensor w_up, Tensor b_up, "
+      "para_vector_gen(Tensor h, Tensor pool_index, Tensor w_down, Tensor w_up, Tensor b_up, "
       "Tensor? tenant_ids, int activation) -> Tensor");
   m.def(
       "para_vector_gen_bwd(Tensor grad_out, Tensor h, Tensor pool_index, Tensor w_down, "
@@ -301,8 +397,10 @@ TORCH_LIBRARY_FRAGMENT(red_kernels_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(red_kernels_C, CPU, m) {
-  m.impl("para_vector_gen_fwd", &para_fwd_cpu);
+  m.impl("para_vector_gen", &para_fwd_cpu);
   m.impl("para_vector_gen_bwd", &para_bwd_cpu);
 }
+
+TORCH_LIBRARY_IMPL(red_kernels_C, Autograd, m) { m.impl("para_vector_gen", &para_fwd_autograd); }
 
 }  // namespace red_kernels

@@ -164,12 +164,24 @@ RK_HD void para_grad_w_down_row(A xi, const A* gz, int r, A* acc) {
 namespace red_kernels {
 // Host helpers shared by the CPU and CUDA entry points (defined in para_vector_gen.cpp).
 
+// The checked arguments as the kernels read them: index tensors contiguous, weights contiguous
+// and in the gathered form [K, d, r], [K, r, n], [K, n] (K = 1 for the plain op).
+struct ParaInputs {
+  at::Tensor pool_index, w_down, w_up, b_up;
+  c10::optional<at::Tensor> tenant_ids;
+};
+
 // Checks every argument (shapes, dtypes, devices, 1 <= r <= kParaMaxRank, activation code) and
 // the index values: pool_index in [0, T) and tenant_ids in [-1, K), on the host before any kernel
-// reads memory. Weights are [K, d, r], [K, r, n], [K, n]; without tenant_ids K must be 1.
-void para_check(const at::Tensor& h, const at::Tensor& pool_index, const at::Tensor& w_down,
-                const at::Tensor& w_up, const at::Tensor& b_up,
-                const c10::optional<at::Tensor>& tenant_ids, int64_t activation);
+// reads memory (a loop over the B values on CPU; one sync on CUDA). Without tenant_ids the
+// weights are one generator, [d, r], [r, n], [n]; with them [K, d, r], [K, r, n], [K, n].
+ParaInputs para_prepare(const at::Tensor& h, const at::Tensor& pool_index, const at::Tensor& w_down,
+                        const at::Tensor& w_up, const at::Tensor& b_up,
+                        const c10::optional<at::Tensor>& tenant_ids, int64_t activation);
+
+// grad_out of para_vector_gen_bwd: [B, n], the weights' dtype, h's device.
+void para_check_grad_out(const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& w_up,
+                         int64_t batch, int64_t n);
 
 // Rows of the batch grouped by tenant, in batch order within a tenant: tenant k owns
 // rows[offsets[k] .. offsets[k + 1]). Rows of tenant -1 come first and belong to no segment.
@@ -189,26 +201,24 @@ void para_dispatch(at::ScalarType h_type, at::ScalarType w_type, F&& f) {
   });
 }
 
-// Raw pointers of checked arguments (weights already contiguous).
+// Raw pointers of prepared arguments.
 template <typename T, typename W>
-ParaArgs<T, W> para_args(const at::Tensor& h, const at::Tensor& pool_index,
-                         const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& b_up,
-                         const c10::optional<at::Tensor>& tenant_ids, int64_t activation) {
+ParaArgs<T, W> para_args(const at::Tensor& h, const ParaInputs& in, int64_t activation) {
   ParaArgs<T, W> p;
   p.h = h.const_data_ptr<T>();
   p.sb = h.stride(0);
   p.st = h.stride(1);
   p.sd = h.stride(2);
-  p.pool_index = pool_index.const_data_ptr<int64_t>();
-  p.tenant_ids = tenant_ids.has_value() ? tenant_ids->const_data_ptr<int64_t>() : nullptr;
-  p.wd = w_down.const_data_ptr<W>();
-  p.wu = w_up.const_data_ptr<W>();
-  p.bu = b_up.const_data_ptr<W>();
+  p.pool_index = in.pool_index.const_data_ptr<int64_t>();
+  p.tenant_ids = in.tenant_ids.has_value() ? in.tenant_ids->const_data_ptr<int64_t>() : nullptr;
+  p.wd = in.w_down.const_data_ptr<W>();
+  p.wu = in.w_up.const_data_ptr<W>();
+  p.bu = in.b_up.const_data_ptr<W>();
   p.batch = h.size(0);
   p.t = h.size(1);
   p.d = h.size(2);
-  p.n = w_up.size(2);
-  p.r = static_cast<int>(w_down.size(2));
+  p.n = in.w_up.size(2);
+  p.r = static_cast<int>(in.w_down.size(2));
   p.act = static_cast<int>(activation);
   return p;
 }

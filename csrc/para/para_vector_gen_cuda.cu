@@ -199,21 +199,16 @@ void launch_bwd(const ParaArgs<T, W>& p, const W* g, void* a_buf, void* gz_buf, 
 at::Tensor para_fwd_cuda(const at::Tensor& h, const at::Tensor& pool_index,
                          const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& b_up,
                          const c10::optional<at::Tensor>& tenant_ids, int64_t activation) {
-  para_check(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
+  const ParaInputs in = para_prepare(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
   const c10::cuda::CUDAGuard guard(h.device());
-  const at::Tensor pi = pool_index.contiguous(), wd = w_down.contiguous(), wu = w_up.contiguous(),
-                   bu = b_up.contiguous();
-  c10::optional<at::Tensor> tid;
-  if (tenant_ids.has_value()) tid = tenant_ids->contiguous();
-  at::Tensor out = at::empty({h.size(0), w_up.size(2)},
+  at::Tensor out = at::empty({h.size(0), in.w_up.size(2)},
                              w_up.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   para_dispatch(h.scalar_type(), w_up.scalar_type(), [&](auto* tp, auto* wp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     using W = std::remove_pointer_t<decltype(wp)>;
-    launch_fwd<T, W>(para_args<T, W>(h, pi, wd, wu, bu, tid, activation), out.mutable_data_ptr<W>(),
-                     stream);
+    launch_fwd<T, W>(para_args<T, W>(h, in, activation), out.mutable_data_ptr<W>(), stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -223,24 +218,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& pool_index,
     const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& b_up,
     const c10::optional<at::Tensor>& tenant_ids, int64_t activation, bool need_h, bool need_w) {
-  para_check(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
-  const int64_t batch = h.size(0), n = w_up.size(2), r = w_down.size(2);
-  RK_CHECK_ARG(grad_out.dim() == 2 && grad_out.size(0) == batch && grad_out.size(1) == n,
-               "grad_out", "expected shape [", batch, ", ", n, "], got ", grad_out.sizes());
-  RK_CHECK_ARG(grad_out.scalar_type() == w_up.scalar_type(), "grad_out", "dtype ",
-               grad_out.scalar_type(), " differs from the weights' dtype ", w_up.scalar_type());
-  check_same_device(h, "h", grad_out, "grad_out");
+  const ParaInputs in = para_prepare(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
+  const int64_t batch = h.size(0), n = in.w_up.size(2), r = in.w_down.size(2);
+  const int64_t k_count = in.w_down.size(0);
+  para_check_grad_out(grad_out, h, w_up, batch, n);
   const c10::cuda::CUDAGuard guard(h.device());
-  const at::Tensor pi = pool_index.contiguous(), wd = w_down.contiguous(), wu = w_up.contiguous(),
-                   bu = b_up.contiguous(), g = grad_out.contiguous();
-  c10::optional<at::Tensor> tid;
-  if (tenant_ids.has_value()) tid = tenant_ids->contiguous();
+  const at::Tensor g = grad_out.contiguous();
   const auto wopts = w_up.options().memory_format(at::MemoryFormat::Contiguous);
   // grad_h: a memset runs at full bandwidth on the GPU; the row kernel then writes B rows.
   at::Tensor grad_h =
       need_h ? at::zeros(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous))
              : at::empty({0}, h.options());
-  // Weight gradients: zeros where the batch is empty; otherwise every element is written.
+  // Weight gradients (the caller's shapes): zeros where the batch is empty; otherwise every
+  // element is written.
   at::Tensor gwd = need_w ? at::zeros(w_down.sizes(), wopts) : at::empty({0}, wopts);
   at::Tensor gwu = need_w ? at::zeros(w_up.sizes(), wopts) : at::empty({0}, wopts);
   at::Tensor gbu = need_w ? at::zeros(b_up.sizes(), wopts) : at::empty({0}, wopts);
@@ -248,17 +238,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cuda(
   const bool fp64 = h.scalar_type() == at::kDouble || w_up.scalar_type() == at::kDouble;
   at::Tensor a_buf = at::empty({batch, r}, h.options().dtype(fp64 ? at::kDouble : at::kFloat));
   at::Tensor gz_buf = at::empty({batch, r}, a_buf.options());
-  const auto [rows, offsets] = para_segments(tid, batch, w_down.size(0), h);
+  const auto [rows, offsets] = para_segments(in.tenant_ids, batch, k_count, h);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   para_dispatch(h.scalar_type(), w_up.scalar_type(), [&](auto* tp, auto* wp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     using W = std::remove_pointer_t<decltype(wp)>;
-    launch_bwd<T, W>(
-        para_args<T, W>(h, pi, wd, wu, bu, tid, activation), g.const_data_ptr<W>(),
-        a_buf.data_ptr(), gz_buf.data_ptr(), need_h ? grad_h.mutable_data_ptr<T>() : nullptr,
-        rows.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
-        need_w ? gwd.mutable_data_ptr<W>() : nullptr, need_w ? gwu.mutable_data_ptr<W>() : nullptr,
-        need_w ? gbu.mutable_data_ptr<W>() : nullptr, w_down.size(0), need_w, stream);
+    launch_bwd<T, W>(para_args<T, W>(h, in, activation), g.const_data_ptr<W>(), a_buf.data_ptr(),
+                     gz_buf.data_ptr(), need_h ? grad_h.mutable_data_ptr<T>() : nullptr,
+                     rows.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
+                     need_w ? gwd.mutable_data_ptr<W>() : nullptr,
+                     need_w ? gwu.mutable_data_ptr<W>() : nullptr,
+                     need_w ? gbu.mutable_data_ptr<W>() : nullptr, k_count, need_w, stream);
   });
   return {grad_h, gwd, gwu, gbu};
 }
@@ -266,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(red_kernels_C, CUDA, m) {
-  m.impl("para_vector_gen_fwd", &para_fwd_cuda);
+  m.impl("para_vector_gen", &para_fwd_cuda);
   m.impl("para_vector_gen_bwd", &para_bwd_cuda);
 }
 

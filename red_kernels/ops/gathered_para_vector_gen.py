@@ -24,7 +24,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from red_kernels._backend import requested_backend
-from red_kernels.ops.para_vector_gen import _para_op, gathered_para_vector_gen_reference
+from red_kernels.ops.para_vector_gen import call_para_op, gathered_para_vector_gen_reference
 
 __all__ = ["gathered_para_vector_gen", "gathered_para_vector_gen_reference"]
 
@@ -59,4 +59,4 @@ def gathered_para_vector_gen(
             "red_kernels.gathered_para_vector_gen: argument 'tenant_ids' must be a Tensor, "
             f"got {type(tenant_ids).__name__}"
         )
-    return _para_op(h, pool_index, w_down, w_up, b_up, tenant_ids, activation, requested_backend(backend))
+    return call_para_op(h, pool_index, w_down, w_up, b_up, tenant_ids, activation, requested_backend(backend))

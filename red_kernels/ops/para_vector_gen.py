@@ -31,6 +31,14 @@ sparse output. It is not kept. The dense path is already below the cost of ``tor
 
 This module also hosts the custom ops shared with ``gathered_para_vector_gen`` (one kernel family:
 the plain op is the one-tenant case without tenant ids), so the two public ops cannot drift apart.
+
+Two ways in. The op is microseconds of work (B rows through a rank-12 bottleneck), so per-call
+overhead decides its speed: an eager call on the ``cpu``/``cuda`` backends goes straight to the C++
+op ``red_kernels_C::para_vector_gen``, whose autograd is registered in C++ (~3 us of overhead,
+against ~30 us for a Python custom op with autograd). Under ``torch.compile`` and on the
+``reference``/``triton`` backends the call goes through the custom op ``red_kernels::para_vector_gen``
+(backend chosen when the graph runs). Both reach the same kernels, and the C++ ops have fake impls
+here, so they pass ``torch.library.opcheck`` too.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from red_kernels._backend import requested_backend, resolve
+from red_kernels._backend import requested_backend, resolve, when_extension_loads
 from red_kernels.ops._activations import ACTIVATIONS, activation_code, activation_grad, apply_activation
 from red_kernels.ops._common import check_floating, check_same_device
 
@@ -166,18 +174,28 @@ def check_args(
 
 
 # --- backend implementations -------------------------------------------------------------------
-# Each takes the weights in the gathered form ([K, d, r], [K, r, n], [K, n]; K = 1 and no tenant
-# ids for the plain op) and the activation's integer code.
+# Each takes the caller's weights (plain [d, r], [r, n], [n] without tenant ids; [K, d, r],
+# [K, r, n], [K, n] with them) and the activation's integer code, and returns the weight
+# gradients in the shapes it was given or in the gathered form (the custom op views them back).
 
 
 def _act_name(code: int) -> str:
-    return next(k for k, v in ACTIVATIONS.items() if v == code)
+    for name, value in ACTIVATIONS.items():
+        if value == code:
+            return name
+    raise ValueError(f"red_kernels.{OP}: argument 'activation': unknown activation code {code}")
+
+
+def _gathered_form(w_down, w_up, b_up, tenant_ids):
+    if tenant_ids is None:
+        return w_down.unsqueeze(0), w_up.unsqueeze(0), b_up.unsqueeze(0)
+    return w_down, w_up, b_up
 
 
 def _fwd_reference(h, pool_index, wd, wu, bu, tenant_ids, act):
     name = _act_name(act)
     if tenant_ids is None:
-        return para_vector_gen_reference(h, pool_index, wd[0], wu[0], bu[0], name).contiguous()
+        return para_vector_gen_reference(h, pool_index, wd, wu, bu, name).contiguous()
     return gathered_para_vector_gen_reference(h, pool_index, wd, wu, bu, tenant_ids, name).contiguous()
 
 
@@ -185,6 +203,7 @@ def _bwd_reference(grad_out, h, pool_index, wd, wu, bu, tenant_ids, act, need_h,
     # The backward formulas in eager PyTorch (autograd does not run inside a custom op). The tests
     # check them against autograd through the references above.
     name = _act_name(act)
+    wd, wu, bu = _gathered_form(wd, wu, bu, tenant_ids)
     acc = _acc(h, wu)
     batch = h.shape[0]
     ids = tenant_ids if tenant_ids is not None else torch.zeros(batch, dtype=torch.int64, device=h.device)
@@ -215,7 +234,7 @@ def _bwd_reference(grad_out, h, pool_index, wd, wu, bu, tenant_ids, act, need_h,
 
 
 def _fwd_ext(h, pool_index, wd, wu, bu, tenant_ids, act):
-    return torch.ops.red_kernels_C.para_vector_gen_fwd(h, pool_index, wd, wu, bu, tenant_ids, act)
+    return torch.ops.red_kernels_C.para_vector_gen(h, pool_index, wd, wu, bu, tenant_ids, act)
 
 
 def _bwd_ext(grad_out, h, pool_index, wd, wu, bu, tenant_ids, act, need_h, need_w):
@@ -227,27 +246,22 @@ def _bwd_ext(grad_out, h, pool_index, wd, wu, bu, tenant_ids, act, need_h, need_
 def _fwd_triton(h, pool_index, wd, wu, bu, tenant_ids, act):
     from red_kernels.triton.para_vector_gen import para_vector_gen_fwd
 
-    return para_vector_gen_fwd(h, pool_index, wd, wu, bu, tenant_ids, act)
+    return para_vector_gen_fwd(h, pool_index, *_gathered_form(wd, wu, bu, tenant_ids), tenant_ids, act)
 
 
 def _bwd_triton(grad_out, h, pool_index, wd, wu, bu, tenant_ids, act, need_h, need_w):
     from red_kernels.triton.para_vector_gen import para_vector_gen_bwd
 
-    return para_vector_gen_bwd(grad_out, h, pool_index, wd, wu, bu, tenant_ids, act, need_h, need_w)
+    weights = _gathered_form(wd, wu, bu, tenant_ids)
+    return para_vector_gen_bwd(grad_out, h, pool_index, *weights, tenant_ids, act, need_h, need_w)
 
 
 _FWD = {"reference": _fwd_reference, "cpu": _fwd_ext, "cuda": _fwd_ext, "triton": _fwd_triton}
 _BWD = {"reference": _bwd_reference, "cpu": _bwd_ext, "cuda": _bwd_ext, "triton": _bwd_triton}
 IMPLEMENTED = tuple(_FWD)
-# The compiled ops check every argument and the index values themselves, with the same messages
-# (C++ callers skip this layer): checking twice would cost a second GPU sync and ~10 us per call.
-_CHECKS_ITSELF = ("cpu", "cuda")
-
-
-def _gathered_form(w_down, w_up, b_up, tenant_ids):
-    if tenant_ids is None:
-        return w_down.unsqueeze(0), w_up.unsqueeze(0), b_up.unsqueeze(0)
-    return w_down, w_up, b_up
+# The compiled backends: their C++ ops check every argument and the index values themselves, with
+# the same messages (checking twice would cost a second GPU sync), and carry their own autograd.
+_EXT = ("cpu", "cuda")
 
 
 def _resolve(backend: str, h: Tensor, w_down: Tensor, tenant_ids: Tensor | None) -> str:
@@ -275,10 +289,9 @@ def _para_op(
     backend: str,
 ) -> Tensor:
     name = _resolve(backend, h, w_down, tenant_ids)
-    if name not in _CHECKS_ITSELF:
+    if name not in _EXT:
         check_args(h, pool_index, w_down, w_up, b_up, tenant_ids, activation)
-    wd, wu, bu = _gathered_form(w_down, w_up, b_up, tenant_ids)
-    return _FWD[name](h, pool_index, wd, wu, bu, tenant_ids, activation_code(activation, OP))
+    return _FWD[name](h, pool_index, w_down, w_up, b_up, tenant_ids, activation_code(activation, OP))
 
 
 @_para_op.register_fake
@@ -302,21 +315,38 @@ def _para_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     name = _resolve(backend, h, w_down, tenant_ids)
-    wd, wu, bu = _gathered_form(w_down, w_up, b_up, tenant_ids)
     gh, gwd, gwu, gbu = _BWD[name](
-        grad_out, h, pool_index, wd, wu, bu, tenant_ids, activation_code(activation, OP), need_h, need_w
+        grad_out, h, pool_index, w_down, w_up, b_up, tenant_ids, activation_code(activation, OP), need_h, need_w
     )
     if need_w:  # back to the caller's (plain: 2-D/1-D) weight shapes
         gwd, gwu, gbu = gwd.view(w_down.shape), gwu.view(w_up.shape), gbu.view(b_up.shape)
     return gh, gwd, gwu, gbu
 
 
-@_para_backward_op.register_fake
-def _(grad_out, h, pool_index, w_down, w_up, b_up, tenant_ids, activation, need_h, need_w, backend):
+def _fake_backward(grad_out, h, pool_index, w_down, w_up, b_up, tenant_ids, activation, need_h, need_w, *_):
     def like(need, t):
         return t.new_empty(t.shape if need else (0,))
 
     return like(need_h, h), like(need_w, w_down), like(need_w, w_up), like(need_w, b_up)
+
+
+_para_backward_op.register_fake(_fake_backward)
+
+
+def _fake_ext_forward(h, pool_index, w_down, w_up, b_up, tenant_ids, activation):
+    check_args(h, pool_index, w_down, w_up, b_up, tenant_ids, _act_name(activation), values=False)
+    return w_up.new_empty((h.shape[0], w_up.shape[-1]))
+
+
+def _register_ext_fakes() -> None:
+    # Fake impls of the compiled backends' C++ ops, for torch.compile and opcheck. The C++ library
+    # names this module as their home (set_python_module in csrc/para/para_vector_gen.cpp), so the
+    # registration must be made from here.
+    torch.library.register_fake("red_kernels_C::para_vector_gen")(_fake_ext_forward)
+    torch.library.register_fake("red_kernels_C::para_vector_gen_bwd")(_fake_backward)
+
+
+when_extension_loads(_register_ext_fakes)
 
 
 def _setup_context(ctx, inputs, output):
@@ -361,6 +391,20 @@ _para_op.register_autograd(_backward, setup_context=_setup_context)
 # --- public API --------------------------------------------------------------------------------
 
 
+def call_para_op(h, pool_index, w_down, w_up, b_up, tenant_ids, activation: str, backend: str) -> Tensor:
+    """Both public ops' entry. An eager call on a compiled backend goes straight to the C++ op,
+    whose autograd is registered in C++ (about 3 us of overhead instead of the Python custom op's
+    ~30 us, which at PARA sizes is as much as the kernel). Under torch.compile, and on the Python
+    backends, the call goes through the custom op ``red_kernels::para_vector_gen``, which resolves
+    the backend when the graph runs."""
+    if isinstance(h, Tensor) and isinstance(w_down, Tensor) and not torch.compiler.is_compiling():
+        name = _resolve(backend, h, w_down, tenant_ids)
+        if name in _EXT:
+            code = activation_code(activation, OP if tenant_ids is None else "gathered_para_vector_gen")
+            return torch.ops.red_kernels_C.para_vector_gen(h, pool_index, w_down, w_up, b_up, tenant_ids, code)
+    return _para_op(h, pool_index, w_down, w_up, b_up, tenant_ids, activation, backend)
+
+
 def para_vector_gen(
     h: Tensor,
     pool_index: Tensor,
@@ -387,4 +431,4 @@ def para_vector_gen(
         ``[B, n_out]`` in the weights' dtype, computed in fp32 (fp64 for fp64 inputs). Split it
         into the per-projection vectors (e.g. ``l_q, l_v, l_u``) with ``torch.split``.
     """
-    return _para_op(h, pool_index, w_down, w_up, b_up, None, activation, requested_backend(backend))
+    return call_para_op(h, pool_index, w_down, w_up, b_up, None, activation, requested_backend(backend))

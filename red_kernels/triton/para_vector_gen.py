@@ -1,7 +1,8 @@
 """Triton kernels for the PARA vector generator, plain and multi-tenant (one kernel family).
 
-Same contract as the C++ ops ``red_kernels_C::para_vector_gen_fwd/bwd``: weights in the gathered
-form ``[K, d, r]``, ``[K, r, n]``, ``[K, n]``, ``tenant_ids`` None for the plain op (K = 1), the
+Same contract as the C++ ops ``red_kernels_C::para_vector_gen`` and ``para_vector_gen_bwd``, with the
+weights always in the gathered form ``[K, d, r]``, ``[K, r, n]``, ``[K, n]`` (``tenant_ids`` None for
+the plain op, K = 1; the caller adds the leading dim), the
 output and the weight gradients in the weights' dtype, grad_h in h's dtype, a gradient that is not
 needed comes back empty. Arithmetic in fp32 (fp64 when h or the weights are fp64); values are
 converted right after loading, which also keeps the interpreter's bf16 arithmetic out of the way.
