@@ -49,10 +49,13 @@ def run(
     variant: str,
     setup: Callable[[], None] | None = None,
     rounds: int = ROUNDS,
+    iterations: int = 1,
     **extra,
 ) -> None:
-    """Time ``fn`` with pytest-benchmark: ``rounds`` single calls, ``setup`` before each (untimed),
-    two warm-up rounds (compilation, allocator), CUDA synchronised inside the timed call."""
+    """Time ``fn`` with pytest-benchmark: ``rounds`` rounds of ``iterations`` calls (more than one
+    for microsecond calls, whose single timings are mostly timer and scheduler noise), ``setup``
+    before each round (untimed), two warm-up rounds (compilation, allocator), CUDA synchronised
+    inside the timed call."""
     dev = device()
 
     def timed():
@@ -63,4 +66,4 @@ def run(
     benchmark.extra_info.update(variant=variant, device=str(dev), **extra)
     if dev.type == "cuda":
         benchmark.extra_info["gpu"] = torch.cuda.get_device_name(dev)
-    benchmark.pedantic(timed, setup=setup, rounds=rounds, iterations=1, warmup_rounds=2)
+    benchmark.pedantic(timed, setup=setup, rounds=rounds, iterations=iterations, warmup_rounds=2)

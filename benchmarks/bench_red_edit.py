@@ -4,6 +4,10 @@ Shapes: (4096, 4096) fp32 and (8, 512, 4096) bf16 with fp32 vectors; forward (wi
 recording, as in training) and forward+backward. Floor: h.clone() for the forward, two clones (the
 op's two large outputs, y and grad_h) for forward+backward.
 
+Decode: one KV-cached step, h [8, 1, 4096] bf16 with fp32 vectors, under torch.inference_mode as
+in serving, and the same step with autograd recording (training-sized overhead). Microseconds of
+work, so this measures per-call overhead (200 calls per round).
+
     make bench PYTEST_ARGS="-k red_edit"
 """
 
@@ -68,3 +72,26 @@ def test_red_edit(benchmark, case, mode, variant):
             variant,
             setup=lambda: reset_grads(h, scale, bias),
         )
+
+
+DECODE_ITERATIONS = 200
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", ["inference", "autograd"])
+def test_red_edit_decode(benchmark, mode, variant):
+    dev = device()
+    grad = mode == "autograd"
+    h = torch.randn(8, 1, 4096, device=dev).to(torch.bfloat16).requires_grad_(grad)
+    scale = torch.randn(4096, device=dev, requires_grad=grad)
+    bias = torch.randn(4096, device=dev, requires_grad=grad)
+    fn = (lambda: h.detach().clone()) if variant == "floor" else (lambda: _forward_fn(variant)(h, scale, bias))  # noqa: E731
+    if grad:
+        step = fn
+    else:
+
+        def step():
+            with torch.inference_mode():
+                fn()
+
+    run(benchmark, step, f"red_edit decode 8x1x4096 bf16 {mode}", variant, iterations=DECODE_ITERATIONS)

@@ -5,6 +5,10 @@ and bf16 with fp32 vectors (mixed precision); vec [8, n]. Forward (with autograd
 training) and forward+backward with both gradients. Floor: x.clone() for the forward, two clones
 (the op's two large outputs, y and grad_x) for forward+backward.
 
+Decode: one KV-cached step of a batch of 8, x [8, 1, n] with the vectors made at prefill, under
+torch.inference_mode as in serving. Microseconds of work, so this measures per-call overhead
+(200 calls per round).
+
     make bench PYTEST_ARGS="-k seq_scale"
 """
 
@@ -66,3 +70,21 @@ def test_seq_scale(benchmark, case, mode, variant):
         run(benchmark, lambda: op(x, vec), group, variant)
     else:
         run(benchmark, lambda: op(x, vec).backward(grad), group, variant, setup=lambda: reset_grads(x, vec))
+
+
+DECODE_ITERATIONS = 200
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n", [4096, 11008])
+def test_seq_scale_decode(benchmark, n, variant):
+    dev = device()
+    x = torch.randn(B, 1, n, device=dev).to(torch.bfloat16)
+    vec = torch.randn(B, n, device=dev)
+    fn = (lambda: x.clone()) if variant == "floor" else (lambda: _forward_fn(variant)(x, vec))  # noqa: E731
+
+    def step():
+        with torch.inference_mode():
+            fn()
+
+    run(benchmark, step, f"seq_scale decode {B}x1x{n} bf16", variant, iterations=DECODE_ITERATIONS)

@@ -16,10 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 LOAD_AND_RUN = r"""
 import sys, torch
 torch.ops.load_library(sys.argv[1])
-h = torch.randn(5, 33)
-s, b = torch.randn(33), torch.randn(33)
-out = torch.ops.red_kernels_C.red_edit_fwd(h, s, b)
-assert torch.allclose(out, h * s + b, rtol=1e-6, atol=1e-6), "red_edit_fwd mismatch"
+h = torch.randn(5, 33, requires_grad=True)
+s, b = torch.randn(33), torch.randn(33, requires_grad=True)
+out = torch.ops.red_kernels_C.red_edit(h, s, b)
+assert torch.allclose(out, h * s + b, rtol=1e-6, atol=1e-6), "red_edit mismatch"
+out.backward(torch.ones_like(out))  # the op's autograd is C++: no Python package needed
+assert torch.allclose(h.grad, s.expand(5, 33)) and torch.allclose(b.grad, torch.full((33,), 5.0)), "grads"
 print("ok")
 """
 

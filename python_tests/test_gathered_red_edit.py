@@ -364,7 +364,7 @@ def test_cpp_checks_name_the_argument():
     """The compiled ops check their arguments and id values too (C++ callers skip the Python layer)."""
     if "cpu" not in BACKENDS:
         pytest.skip("compiled extension not built")
-    fwd = torch.ops.red_kernels_C.gathered_red_edit_fwd
+    fwd = torch.ops.red_kernels_C.gathered_red_edit
     bwd = torch.ops.red_kernels_C.gathered_red_edit_bwd
     h, s, ids = torch.randn(4, 8), torch.ones(3, 8), torch.tensor([0, 1, 2, -1])
     with pytest.raises(ValueError, match="'scales'"):

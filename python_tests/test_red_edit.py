@@ -273,7 +273,7 @@ def test_cpp_checks_name_the_argument():
     """The compiled ops check their arguments too (C++ callers skip the Python layer)."""
     if "cpu" not in BACKENDS:
         pytest.skip("compiled extension not built")
-    op = torch.ops.red_kernels_C.red_edit_fwd
+    op = torch.ops.red_kernels_C.red_edit
     with pytest.raises(ValueError, match="'scale'"):
         op(torch.randn(4, 8), torch.ones(7), None)
     with pytest.raises(ValueError, match="'bias'"):

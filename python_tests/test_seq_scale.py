@@ -314,7 +314,7 @@ def test_cpp_checks_name_the_argument():
     """The compiled ops check their arguments too (C++ callers skip the Python layer)."""
     if "cpu" not in BACKENDS:
         pytest.skip("compiled extension not built")
-    fwd, bwd = torch.ops.red_kernels_C.seq_scale_fwd, torch.ops.red_kernels_C.seq_scale_bwd
+    fwd, bwd = torch.ops.red_kernels_C.seq_scale, torch.ops.red_kernels_C.seq_scale_bwd
     x2, v = torch.randn(4, 8), torch.randn(2, 8)
     with pytest.raises(ValueError, match="'seq_index'.*entry 2 is 5"):
         fwd(x2, v, torch.tensor([0, 1, 5, 0]))

@@ -81,7 +81,7 @@ def extension_status() -> tuple[bool, str]:
 
 
 def _ext_has_cuda() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("red_kernels_C::red_edit_fwd", "CUDA")
+    return torch._C._dispatch_has_kernel_for_dispatch_key("red_kernels_C::red_edit", "CUDA")
 
 
 def _cuda_available() -> bool:

@@ -1,12 +1,13 @@
 // gathered_red_edit: operator schemas (red_kernels_C namespace), the host checks and backward plan
 // shared with the CUDA kernels, and the CPU kernels.
 //
-//   gathered_red_edit_fwd(h[..., d], scales[K, d]?, biases[K, d]?, tenant_ids) -> Tensor
+//   gathered_red_edit(h[..., d], scales[K, d]?, biases[K, d]?, tenant_ids) -> Tensor
 //     row i: h[i] * scales[t] + biases[t], t = tenant of row i; t = -1 leaves the row as it is
 //   gathered_red_edit_bwd(grad_out, h?, scales?, tenant_ids, num_tenants, need_h, need_scales,
 //                         need_biases, param_dtype) -> (grad_h, grad_scales [K, d], grad_biases [K,
 //                         d])
-// A gradient that is not needed comes back as an empty tensor. The CPU row loops are red_edit's
+// gathered_red_edit is differentiable (autograd registered here, for CPU and CUDA); a gradient that
+// is not needed comes back from the _bwd op as an empty tensor. The CPU row loops are red_edit's
 // (red_edit_cpu_kernels.inc), called with each run of rows' tenant vectors.
 #include "gathered_red_edit/gathered_red_edit.h"
 
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "common/alloc.h"
+#include "common/autograd.h"
 #include "common/checks.h"
 #include "common/column_sum_cpu.h"
 #include "common/cpu_isa.h"
@@ -329,12 +331,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cpu(
   return out.finish(param_dtype);
 }
 
+// Autograd of gathered_red_edit (common/autograd.h says why it is in C++). Saves h only when the
+// scales need a gradient and the scales only when h does, like the custom op in
+// red_kernels/ops/gathered_red_edit.py.
+class GatheredREDEditFunction : public torch::autograd::Function<GatheredREDEditFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h,
+                            const c10::optional<at::Tensor>& scales,
+                            const c10::optional<at::Tensor>& biases, const at::Tensor& tenant_ids) {
+    at::Tensor out;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      static const auto op =
+          rk_op<decltype(gathered_red_edit_fwd_cpu)>("red_kernels_C::gathered_red_edit");
+      out = op.call(h, scales, biases, tenant_ids);  // checks every argument first
+    }
+    const at::Tensor& params = scales.has_value() ? *scales : *biases;
+    ctx->saved_data["has_scales"] = scales.has_value();
+    ctx->saved_data["has_biases"] = biases.has_value();
+    ctx->saved_data["num_tenants"] = params.size(0);
+    ctx->saved_data["param_dtype"] = static_cast<int64_t>(params.scalar_type());
+    const bool scales_train = scales.has_value() && scales->requires_grad();
+    ctx->save_for_backward({scales_train ? h : at::Tensor(),
+                            h.requires_grad() && scales.has_value() ? *scales : at::Tensor(),
+                            tenant_ids});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool has_scales = ctx->saved_data["has_scales"].toBool();
+    const bool has_biases = ctx->saved_data["has_biases"].toBool();
+    const bool need_h = ctx->needs_input_grad(0);
+    const bool need_scales = needs_grad(ctx, has_scales, 1);
+    const bool need_biases = needs_grad(ctx, has_biases, has_scales ? 2 : 1);
+    const auto opt = [](const at::Tensor& t) {
+      return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+    };
+    static const auto op =
+        rk_op<decltype(gathered_red_edit_bwd_cpu)>("red_kernels_C::gathered_red_edit_bwd");
+    auto [gh, gs, gb] =
+        op.call(grads[0], opt(saved[0]), opt(saved[1]), saved[2],
+                ctx->saved_data["num_tenants"].toInt(), need_h, need_scales, need_biases,
+                static_cast<at::ScalarType>(ctx->saved_data["param_dtype"].toInt()));
+    return {take_grad(need_h, gh), take_grad(need_scales, gs), take_grad(need_biases, gb),
+            at::Tensor()};
+  }
+};
+
+at::Tensor gathered_red_edit_autograd(const at::Tensor& h, const c10::optional<at::Tensor>& scales,
+                                      const c10::optional<at::Tensor>& biases,
+                                      const at::Tensor& tenant_ids) {
+  return GatheredREDEditFunction::apply(h, scales, biases, tenant_ids);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(red_kernels_C, m) {
-  m.def(
-      "gathered_red_edit_fwd(Tensor h, Tensor? scales, Tensor? biases, Tensor tenant_ids) -> "
-      "Tensor");
+  // Fake (meta) impls for torch.compile and opcheck live in this Python module.
+  m.set_python_module("red_kernels.ops.gathered_red_edit");
+  m.def("gathered_red_edit(Tensor h, Tensor? scales, Tensor? biases, Tensor tenant_ids) -> Tensor");
   m.def(
       "gathered_red_edit_bwd(Tensor grad_out, Tensor? h, Tensor? scales, Tensor tenant_ids, "
       "int num_tenants, bool need_h, bool need_scales, bool need_biases, ScalarType param_dtype) "
@@ -342,8 +398,12 @@ TORCH_LIBRARY_FRAGMENT(red_kernels_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(red_kernels_C, CPU, m) {
-  m.impl("gathered_red_edit_fwd", &gathered_red_edit_fwd_cpu);
+  m.impl("gathered_red_edit", &gathered_red_edit_fwd_cpu);
   m.impl("gathered_red_edit_bwd", &gathered_red_edit_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(red_kernels_C, Autograd, m) {
+  m.impl("gathered_red_edit", &gathered_red_edit_autograd);
 }
 
 }  // namespace red_kernels

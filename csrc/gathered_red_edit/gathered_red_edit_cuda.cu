@@ -225,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(red_kernels_C, CUDA, m) {
-  m.impl("gathered_red_edit_fwd", &gathered_red_edit_fwd_cuda);
+  m.impl("gathered_red_edit", &gathered_red_edit_fwd_cuda);
   m.impl("gathered_red_edit_bwd", &gathered_red_edit_bwd_cuda);
 }
 

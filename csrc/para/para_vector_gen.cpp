@@ -20,7 +20,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/zeros.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,6 +28,7 @@
 #include <vector>
 
 #include "common/alloc.h"
+#include "common/autograd.h"
 #include "common/checks.h"
 #include "common/cpu_isa.h"
 
@@ -319,27 +319,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cpu(
   return {grad_h, gwd, gwu, gbu};
 }
 
-// Autograd of para_vector_gen, in C++ (the pattern of torchvision's C++ ops): an eager call with
-// autograd recording costs one dispatcher call instead of the Python custom op's ~30 us, which is
-// most of this op's time at PARA sizes. The kernels below it are the CPU or CUDA ones above.
+// Autograd of para_vector_gen (common/autograd.h says why it is in C++); the kernels below it
+// are the CPU or CUDA ones.
 class ParaVectorGenFunction : public torch::autograd::Function<ParaVectorGenFunction> {
  public:
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h,
-                            const at::Tensor& pool_index, const at::Tensor& w_down,
-                            const at::Tensor& w_up, const at::Tensor& b_up,
-                            const c10::optional<at::Tensor>& tenant_ids, int64_t activation) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& pool_index,
+                            const at::Tensor& w_down, const at::Tensor& w_up,
+                            const at::Tensor& b_up, const c10::optional<at::Tensor>& tenant_ids,
+                            int64_t activation) {
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["has_ids"] = tenant_ids.has_value();
     ctx->save_for_backward({h, pool_index, w_down, w_up, b_up, tenant_ids.value_or(at::Tensor())});
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("red_kernels_C::para_vector_gen", "")
-                               .typed<decltype(para_fwd_cpu)>();
+    static const auto op = rk_op<decltype(para_fwd_cpu)>("red_kernels_C::para_vector_gen");
     return op.call(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     c10::optional<at::Tensor> tenant_ids;
     if (ctx->saved_data["has_ids"].toBool()) tenant_ids = saved[5];
@@ -347,20 +343,15 @@ class ParaVectorGenFunction : public torch::autograd::Function<ParaVectorGenFunc
     const bool need_h = ctx->needs_input_grad(0);
     const bool need_w =
         ctx->needs_input_grad(2) || ctx->needs_input_grad(3) || ctx->needs_input_grad(4);
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("red_kernels_C::para_vector_gen_bwd", "")
-                               .typed<decltype(para_bwd_cpu)>();
+    static const auto op = rk_op<decltype(para_bwd_cpu)>("red_kernels_C::para_vector_gen_bwd");
     auto [gh, gwd, gwu, gbu] =
         op.call(grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3], saved[4], tenant_ids,
                 ctx->saved_data["activation"].toInt(), need_h, need_w);
-    // Moved, not copied: autograd hands a gradient that nobody else references straight to
-    // h.grad; one extra reference would make it clone the whole [B, T, d] tensor.
-    const auto keep = [](bool need, at::Tensor& g) { return need ? std::move(g) : at::Tensor(); };
-    return {keep(need_h, gh),
+    return {take_grad(need_h, gh),
             at::Tensor(),
-            keep(ctx->needs_input_grad(2), gwd),
-            keep(ctx->needs_input_grad(3), gwu),
-            keep(ctx->needs_input_grad(4), gbu),
+            take_grad(ctx->needs_input_grad(2), gwd),
+            take_grad(ctx->needs_input_grad(3), gwu),
+            take_grad(ctx->needs_input_grad(4), gbu),
             at::Tensor(),
             at::Tensor()};
   }

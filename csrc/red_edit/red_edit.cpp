@@ -1,9 +1,10 @@
-// red_edit: operator schemas (red_kernels_C namespace) and the CPU kernels.
+// red_edit: operator schemas (red_kernels_C namespace), the CPU kernels and the op's autograd.
 //
-//   red_edit_fwd(h[..., d], scale[d]?, bias[d]?) -> h * scale + bias       (h's dtype)
+//   red_edit(h[..., d], scale[d]?, bias[d]?) -> h * scale + bias           (h's dtype)
 //   red_edit_bwd(grad_out, h?, scale?, need_h, need_scale, need_bias, param_dtype)
 //     -> (grad_h = g * scale, grad_scale = sum_rows g * h, grad_bias = sum_rows g)
-// A gradient that is not needed comes back as an empty tensor.
+// red_edit is differentiable (autograd registered here, for CPU and CUDA); a gradient that is not
+// needed comes back from red_edit_bwd as an empty tensor.
 #include "red_edit/red_edit.h"
 
 #include <ATen/Dispatch.h>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "common/alloc.h"
+#include "common/autograd.h"
 #include "common/checks.h"
 #include "common/column_sum_cpu.h"
 #include "common/cpu_isa.h"
@@ -166,18 +168,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_cpu(
   return {grad_h, sum_gh.to(param_dtype), sum_g.to(param_dtype)};
 }
 
+// Autograd of red_edit (common/autograd.h says why it is in C++). Saves h only when scale needs a
+// gradient and scale only when h does, like the custom op in red_kernels/ops/red_edit.py.
+class REDEditFunction : public torch::autograd::Function<REDEditFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h,
+                            const c10::optional<at::Tensor>& scale,
+                            const c10::optional<at::Tensor>& bias) {
+    const bool scale_trains = scale.has_value() && scale->requires_grad();
+    ctx->saved_data["has_scale"] = scale.has_value();
+    ctx->saved_data["has_bias"] = bias.has_value();
+    const at::ScalarType param_dtype = scale.has_value()  ? scale->scalar_type()
+                                       : bias.has_value() ? bias->scalar_type()
+                                                          : h.scalar_type();
+    ctx->saved_data["param_dtype"] = static_cast<int64_t>(param_dtype);
+    ctx->save_for_backward({scale_trains ? h : at::Tensor(),
+                            h.requires_grad() && scale.has_value() ? *scale : at::Tensor()});
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = rk_op<decltype(red_edit_fwd_cpu)>("red_kernels_C::red_edit");
+    return op.call(h, scale, bias);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool has_scale = ctx->saved_data["has_scale"].toBool();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool need_h = ctx->needs_input_grad(0);
+    const bool need_scale = needs_grad(ctx, has_scale, 1);
+    const bool need_bias = needs_grad(ctx, has_bias, has_scale ? 2 : 1);
+    const auto opt = [](const at::Tensor& t) {
+      return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+    };
+    static const auto op = rk_op<decltype(red_edit_bwd_cpu)>("red_kernels_C::red_edit_bwd");
+    auto [gh, gs, gb] =
+        op.call(grads[0], opt(saved[0]), opt(saved[1]), need_h, need_scale, need_bias,
+                static_cast<at::ScalarType>(ctx->saved_data["param_dtype"].toInt()));
+    return {take_grad(need_h, gh), take_grad(need_scale, gs), take_grad(need_bias, gb)};
+  }
+};
+
+at::Tensor red_edit_autograd(const at::Tensor& h, const c10::optional<at::Tensor>& scale,
+                             const c10::optional<at::Tensor>& bias) {
+  return REDEditFunction::apply(h, scale, bias);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(red_kernels_C, m) {
-  m.def("red_edit_fwd(Tensor h, Tensor? scale, Tensor? bias) -> Tensor");
+  // Fake (meta) impls for torch.compile and opcheck live in this Python module.
+  m.set_python_module("red_kernels.ops.red_edit");
+  m.def("red_edit(Tensor h, Tensor? scale, Tensor? bias) -> Tensor");
   m.def(
       "red_edit_bwd(Tensor grad_out, Tensor? h, Tensor? scale, bool need_h, bool need_scale, "
       "bool need_bias, ScalarType param_dtype) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(red_kernels_C, CPU, m) {
-  m.impl("red_edit_fwd", &red_edit_fwd_cpu);
+  m.impl("red_edit", &red_edit_fwd_cpu);
   m.impl("red_edit_bwd", &red_edit_bwd_cpu);
 }
+
+TORCH_LIBRARY_IMPL(red_kernels_C, Autograd, m) { m.impl("red_edit", &red_edit_autograd); }
 
 }  // namespace red_kernels

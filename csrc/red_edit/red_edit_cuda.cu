@@ -177,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(red_kernels_C, CUDA, m) {
-  m.impl("red_edit_fwd", &red_edit_fwd_cuda);
+  m.impl("red_edit", &red_edit_fwd_cuda);
   m.impl("red_edit_bwd", &red_edit_bwd_cuda);
 }
 

@@ -1,12 +1,13 @@
 // seq_scale: operator schemas (red_kernels_C namespace), host checks, the backward work plan and
 // the CPU kernels.
 //
-//   seq_scale_fwd(x, vec[B, n], seq_index?) -> x * vec[seq]                     (x's dtype)
+//   seq_scale(x, vec[B, n], seq_index?) -> x * vec[seq]                         (x's dtype)
 //     dense:  x [B, T, n], seq_index None          (row (b, t) uses vec[b])
 //     packed: x [N, n],    seq_index [N] int64     (row r uses vec[seq_index[r]])
 //   seq_scale_bwd(grad_out, x?, vec, seq_index?, need_x, need_vec)
 //     -> (grad_x = g * vec[seq], grad_vec[b] = sum over b's rows of g * x)     (vec's dtype)
-// A gradient that is not needed comes back as an empty tensor.
+// seq_scale is differentiable (autograd registered here, for CPU and CUDA); a gradient that is not
+// needed comes back from seq_scale_bwd as an empty tensor.
 #include "seq_scale/seq_scale.h"
 
 #include <ATen/Dispatch.h>
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "common/alloc.h"
+#include "common/autograd.h"
 #include "common/checks.h"
 #include "common/cpu_isa.h"
 
@@ -271,18 +273,53 @@ std::tuple<at::Tensor, at::Tensor> seq_scale_bwd_cpu(const at::Tensor& grad_out,
   return {grad_x, sum.to(vec.scalar_type())};
 }
 
+// Autograd of seq_scale (common/autograd.h says why it is in C++). Saves x only when vec needs a
+// gradient, like the custom op in red_kernels/ops/seq_scale.py.
+class SeqScaleFunction : public torch::autograd::Function<SeqScaleFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& vec,
+                            const c10::optional<at::Tensor>& seq_index) {
+    ctx->saved_data["packed"] = seq_index.has_value();
+    ctx->save_for_backward(
+        {vec.requires_grad() ? x : at::Tensor(), vec, seq_index.value_or(at::Tensor())});
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = rk_op<decltype(seq_scale_fwd_cpu)>("red_kernels_C::seq_scale");
+    return op.call(x, vec, seq_index);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool need_x = ctx->needs_input_grad(0), need_vec = ctx->needs_input_grad(1);
+    c10::optional<at::Tensor> x, seq_index;
+    if (saved[0].defined()) x = saved[0];
+    if (ctx->saved_data["packed"].toBool()) seq_index = saved[2];
+    static const auto op = rk_op<decltype(seq_scale_bwd_cpu)>("red_kernels_C::seq_scale_bwd");
+    auto [gx, gv] = op.call(grads[0], x, saved[1], seq_index, need_x, need_vec);
+    return {take_grad(need_x, gx), take_grad(need_vec, gv), at::Tensor()};
+  }
+};
+
+at::Tensor seq_scale_autograd(const at::Tensor& x, const at::Tensor& vec,
+                              const c10::optional<at::Tensor>& seq_index) {
+  return SeqScaleFunction::apply(x, vec, seq_index);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(red_kernels_C, m) {
-  m.def("seq_scale_fwd(Tensor x, Tensor vec, Tensor? seq_index) -> Tensor");
+  // Fake (meta) impls for torch.compile and opcheck live in this Python module.
+  m.set_python_module("red_kernels.ops.seq_scale");
+  m.def("seq_scale(Tensor x, Tensor vec, Tensor? seq_index) -> Tensor");
   m.def(
       "seq_scale_bwd(Tensor grad_out, Tensor? x, Tensor vec, Tensor? seq_index, bool need_x, "
       "bool need_vec) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(red_kernels_C, CPU, m) {
-  m.impl("seq_scale_fwd", &seq_scale_fwd_cpu);
+  m.impl("seq_scale", &seq_scale_fwd_cpu);
   m.impl("seq_scale_bwd", &seq_scale_bwd_cpu);
 }
+
+TORCH_LIBRARY_IMPL(red_kernels_C, Autograd, m) { m.impl("seq_scale", &seq_scale_autograd); }
 
 }  // namespace red_kernels

@@ -199,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> seq_scale_bwd_cuda(const at::Tensor& grad_out
 }  // namespace
 
 TORCH_LIBRARY_IMPL(red_kernels_C, CUDA, m) {
-  m.impl("seq_scale_fwd", &seq_scale_fwd_cuda);
+  m.impl("seq_scale", &seq_scale_fwd_cuda);
   m.impl("seq_scale_bwd", &seq_scale_bwd_cuda);
 }
 

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from red_kernels._backend import requested_backend, resolve, when_extension_loads
 from red_kernels.ops._activations import ACTIVATIONS, activation_code, activation_grad, apply_activation
-from red_kernels.ops._common import check_floating, check_same_device
+from red_kernels.ops._common import EXT_BACKENDS, check_floating, check_same_device
 
 OP = "para_vector_gen"
 MAX_RANK = 64  # kParaMaxRank in csrc/para/para_vector_gen.h
@@ -259,9 +259,9 @@ def _bwd_triton(grad_out, h, pool_index, wd, wu, bu, tenant_ids, act, need_h, ne
 _FWD = {"reference": _fwd_reference, "cpu": _fwd_ext, "cuda": _fwd_ext, "triton": _fwd_triton}
 _BWD = {"reference": _bwd_reference, "cpu": _bwd_ext, "cuda": _bwd_ext, "triton": _bwd_triton}
 IMPLEMENTED = tuple(_FWD)
-# The compiled backends: their C++ ops check every argument and the index values themselves, with
-# the same messages (checking twice would cost a second GPU sync), and carry their own autograd.
-_EXT = ("cpu", "cuda")
+# The compiled backends (EXT_BACKENDS): their C++ ops check every argument and the index values
+# themselves, with the same messages (checking twice would cost a second GPU sync), and carry their
+# own autograd.
 
 
 def _resolve(backend: str, h: Tensor, w_down: Tensor, tenant_ids: Tensor | None) -> str:
@@ -289,7 +289,7 @@ def _para_op(
     backend: str,
 ) -> Tensor:
     name = _resolve(backend, h, w_down, tenant_ids)
-    if name not in _EXT:
+    if name not in EXT_BACKENDS:
         check_args(h, pool_index, w_down, w_up, b_up, tenant_ids, activation)
     return _FWD[name](h, pool_index, w_down, w_up, b_up, tenant_ids, activation_code(activation, OP))
 
@@ -399,7 +399,7 @@ def call_para_op(h, pool_index, w_down, w_up, b_up, tenant_ids, activation: str,
     the backend when the graph runs."""
     if isinstance(h, Tensor) and isinstance(w_down, Tensor) and not torch.compiler.is_compiling():
         name = _resolve(backend, h, w_down, tenant_ids)
-        if name in _EXT:
+        if name in EXT_BACKENDS:
             code = activation_code(activation, OP if tenant_ids is None else "gathered_para_vector_gen")
             return torch.ops.red_kernels_C.para_vector_gen(h, pool_index, w_down, w_up, b_up, tenant_ids, code)
     return _para_op(h, pool_index, w_down, w_up, b_up, tenant_ids, activation, backend)

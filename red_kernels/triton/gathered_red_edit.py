@@ -1,6 +1,6 @@
 """Triton kernels for gathered_red_edit: multi-tenant RED forward and deterministic backward.
 
-Same contract as the C++ ops ``red_kernels_C::gathered_red_edit_fwd/bwd`` (see
+Same contract as the C++ ops ``red_kernels_C::gathered_red_edit`` and ``gathered_red_edit_bwd`` (see
 ``red_kernels/ops/gathered_red_edit.py`` for the math and shapes); the ids are checked by the caller.
 The backward uses the plan of ``csrc/gathered_red_edit/gathered_red_edit.h``: rows sorted by tenant
 (stable), cut into one-tenant chunks, one fp32 partial row per chunk (stage 1), then each tenant's

@@ -1,6 +1,6 @@
 """Triton kernels for red_edit: y = h * scale + bias (forward) and the fused backward.
 
-Same contract as the C++ ops ``red_kernels_C::red_edit_fwd/bwd``: ``scale``/``bias`` are [d] (or
+Same contract as the C++ ops ``red_kernels_C::red_edit`` and ``red_edit_bwd``: ``scale``/``bias`` are [d] (or
 None), the output is contiguous in h's dtype, a gradient that is not needed comes back empty.
 Arithmetic is in fp32 (fp64 for fp64 inputs); values are converted right after loading, which also
 keeps the interpreter's bf16 arithmetic out of the picture.

@@ -1,6 +1,6 @@
 """Triton kernels for seq_scale: y = x * vec[seq] (forward) and the fused backward.
 
-Same contract as the C++ ops ``red_kernels_C::seq_scale_fwd/bwd``: dense x [B, T, n] or packed
+Same contract as the C++ ops ``red_kernels_C::seq_scale`` and ``seq_scale_bwd``: dense x [B, T, n] or packed
 x [N, n] with seq_index [N] (validated by the caller), vec [B, n]; the output is contiguous in x's
 dtype; a gradient that is not needed comes back empty. Arithmetic is in fp32 (fp64 for fp64
 inputs); values are converted right after loading, which also keeps the interpreter's bf16
