@@ -25,6 +25,11 @@ def load(path: str) -> tuple[dict, dict[str, dict[str, float]]]:
     return data, groups
 
 
+def _ms(ms: float) -> str:
+    # Decode-step and generator rows take microseconds: keep three significant digits there.
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
+
+
 def _ratio(num: float | None, den: float | None) -> str:
     return f"{num / den:.2f}x" if num and den else "-"
 
@@ -44,7 +49,7 @@ def table(groups: dict[str, dict[str, float]], compact: bool = False) -> str:
             if compact and variant.endswith("reference"):
                 continue
             ratios = f"{_ratio(eager, ms)} | {_ratio(comp, ms)} | {_ratio(ms, floor)}"
-            lines.append(f"| {group} | {variant} | {ms:.2f} | {ratios} |")
+            lines.append(f"| {group} | {variant} | {_ms(ms)} | {ratios} |")
     return "\n".join(lines)
 
 
