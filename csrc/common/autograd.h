@@ -29,6 +29,11 @@ inline at::Tensor take_grad(bool need, at::Tensor& grad) {
   return need ? std::move(grad) : at::Tensor();
 }
 
+// A saved tensor for an optional argument of a backward op: absent when it was not saved.
+inline c10::optional<at::Tensor> saved_or_none(const at::Tensor& saved) {
+  return saved.defined() ? c10::optional<at::Tensor>(saved) : c10::nullopt;
+}
+
 // needs_input_grad for the forward argument that is the `position`-th tensor actually passed
 // (absent optional tensors have no autograd edge, so later ones shift down); false if absent.
 inline bool needs_grad(AutogradContext* ctx, bool present, int64_t position) {

@@ -365,13 +365,10 @@ class GatheredREDEditFunction : public torch::autograd::Function<GatheredREDEdit
     const bool need_h = ctx->needs_input_grad(0);
     const bool need_scales = needs_grad(ctx, has_scales, 1);
     const bool need_biases = needs_grad(ctx, has_biases, has_scales ? 2 : 1);
-    const auto opt = [](const at::Tensor& t) {
-      return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
-    };
     static const auto op =
         rk_op<decltype(gathered_red_edit_bwd_cpu)>("red_kernels_C::gathered_red_edit_bwd");
     auto [gh, gs, gb] =
-        op.call(grads[0], opt(saved[0]), opt(saved[1]), saved[2],
+        op.call(grads[0], saved_or_none(saved[0]), saved_or_none(saved[1]), saved[2],
                 ctx->saved_data["num_tenants"].toInt(), need_h, need_scales, need_biases,
                 static_cast<at::ScalarType>(ctx->saved_data["param_dtype"].toInt()));
     return {take_grad(need_h, gh), take_grad(need_scales, gs), take_grad(need_biases, gb),

@@ -328,7 +328,6 @@ class ParaVectorGenFunction : public torch::autograd::Function<ParaVectorGenFunc
                             const at::Tensor& b_up, const c10::optional<at::Tensor>& tenant_ids,
                             int64_t activation) {
     ctx->saved_data["activation"] = activation;
-    ctx->saved_data["has_ids"] = tenant_ids.has_value();
     ctx->save_for_backward({h, pool_index, w_down, w_up, b_up, tenant_ids.value_or(at::Tensor())});
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     static const auto op = rk_op<decltype(para_fwd_cpu)>("red_kernels_C::para_vector_gen");
@@ -337,16 +336,14 @@ class ParaVectorGenFunction : public torch::autograd::Function<ParaVectorGenFunc
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    c10::optional<at::Tensor> tenant_ids;
-    if (ctx->saved_data["has_ids"].toBool()) tenant_ids = saved[5];
     // Edges follow the tensor arguments: h 0, pool_index 1, w_down 2, w_up 3, b_up 4.
     const bool need_h = ctx->needs_input_grad(0);
     const bool need_w =
         ctx->needs_input_grad(2) || ctx->needs_input_grad(3) || ctx->needs_input_grad(4);
     static const auto op = rk_op<decltype(para_bwd_cpu)>("red_kernels_C::para_vector_gen_bwd");
     auto [gh, gwd, gwu, gbu] =
-        op.call(grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3], saved[4], tenant_ids,
-                ctx->saved_data["activation"].toInt(), need_h, need_w);
+        op.call(grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3], saved[4],
+                saved_or_none(saved[5]), ctx->saved_data["activation"].toInt(), need_h, need_w);
     return {take_grad(need_h, gh),
             at::Tensor(),
             take_grad(ctx->needs_input_grad(2), gwd),

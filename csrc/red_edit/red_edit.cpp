@@ -196,13 +196,10 @@ class REDEditFunction : public torch::autograd::Function<REDEditFunction> {
     const bool need_h = ctx->needs_input_grad(0);
     const bool need_scale = needs_grad(ctx, has_scale, 1);
     const bool need_bias = needs_grad(ctx, has_bias, has_scale ? 2 : 1);
-    const auto opt = [](const at::Tensor& t) {
-      return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
-    };
     static const auto op = rk_op<decltype(red_edit_bwd_cpu)>("red_kernels_C::red_edit_bwd");
     auto [gh, gs, gb] =
-        op.call(grads[0], opt(saved[0]), opt(saved[1]), need_h, need_scale, need_bias,
-                static_cast<at::ScalarType>(ctx->saved_data["param_dtype"].toInt()));
+        op.call(grads[0], saved_or_none(saved[0]), saved_or_none(saved[1]), need_h, need_scale,
+                need_bias, static_cast<at::ScalarType>(ctx->saved_data["param_dtype"].toInt()));
     return {take_grad(need_h, gh), take_grad(need_scale, gs), take_grad(need_bias, gb)};
   }
 };

@@ -279,7 +279,6 @@ class SeqScaleFunction : public torch::autograd::Function<SeqScaleFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& vec,
                             const c10::optional<at::Tensor>& seq_index) {
-    ctx->saved_data["packed"] = seq_index.has_value();
     ctx->save_for_backward(
         {vec.requires_grad() ? x : at::Tensor(), vec, seq_index.value_or(at::Tensor())});
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -290,11 +289,9 @@ class SeqScaleFunction : public torch::autograd::Function<SeqScaleFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const bool need_x = ctx->needs_input_grad(0), need_vec = ctx->needs_input_grad(1);
-    c10::optional<at::Tensor> x, seq_index;
-    if (saved[0].defined()) x = saved[0];
-    if (ctx->saved_data["packed"].toBool()) seq_index = saved[2];
     static const auto op = rk_op<decltype(seq_scale_bwd_cpu)>("red_kernels_C::seq_scale_bwd");
-    auto [gx, gv] = op.call(grads[0], x, saved[1], seq_index, need_x, need_vec);
+    auto [gx, gv] = op.call(grads[0], saved_or_none(saved[0]), saved[1], saved_or_none(saved[2]),
+                            need_x, need_vec);
     return {take_grad(need_x, gx), take_grad(need_vec, gv), at::Tensor()};
   }
 };
