@@ -20,7 +20,7 @@ from red_kernels._backend import triton_interpreting
 from red_kernels.ops._common import acc_dtype, as_rows, empty_unless
 from red_kernels.ops.gathered_red_edit import rows_per_unit
 from red_kernels.triton._utils import block_d
-from red_kernels.triton.red_edit import column_sum
+from red_kernels.triton.red_edit import bwd_row_tile, column_sum
 
 
 @triton.jit
@@ -99,14 +99,9 @@ def _gathered_bwd_kernel(
         unit = tl.load(plan_ptr + p // rows_per_unit, mask=pmask, other=0)
         rows64 = (unit * rows_per_unit + p % rows_per_unit)[:, None]
         mask = pmask[:, None] & cmask[None, :]
-        g = tl.load(g_ptr + rows64 * g_stride + cols[None, :], mask=mask, other=0.0).to(s.dtype)
-        if NEED_H:
-            tl.store(gh_ptr + rows64 * D + cols[None, :], (g * s[None, :]).to(gh_ptr.dtype.element_ty), mask=mask)
-        if NEED_S:
-            h = tl.load(h_ptr + rows64 * h_stride + cols[None, :], mask=mask, other=0.0).to(s.dtype)
-            acc_gh += g * h
-        if NEED_B:
-            acc_g += g
+        acc_gh, acc_g = bwd_row_tile(
+            g_ptr, h_ptr, gh_ptr, rows64, cols, mask, s, D, g_stride, h_stride, acc_gh, acc_g, NEED_H, NEED_S, NEED_B
+        )
     if t >= 0:
         if NEED_S:
             tl.store(part_gh_ptr + c * D + cols, tl.sum(acc_gh, axis=0), mask=cmask)

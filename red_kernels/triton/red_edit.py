@@ -33,6 +33,37 @@ def _red_edit_fwd_kernel(h_ptr, s_ptr, b_ptr, out_ptr, M, D, h_stride, BLOCK_M: 
 
 
 @triton.jit
+def bwd_row_tile(
+    g_ptr,
+    h_ptr,
+    gh_ptr,
+    rows64,
+    cols,
+    mask,
+    s,
+    D,
+    g_stride,
+    h_stride,
+    acc_gh,
+    acc_g,
+    NEED_H: tl.constexpr,
+    NEED_S: tl.constexpr,
+    NEED_B: tl.constexpr,
+):
+    # One [BLOCK_M, BLOCK_D] tile of the backward (shared with gathered_red_edit): writes
+    # grad_h = g * s for the tile's rows and adds g * h and g into the running column sums.
+    g = tl.load(g_ptr + rows64 * g_stride + cols[None, :], mask=mask, other=0.0).to(s.dtype)
+    if NEED_H:
+        tl.store(gh_ptr + rows64 * D + cols[None, :], (g * s[None, :]).to(gh_ptr.dtype.element_ty), mask=mask)
+    if NEED_S:
+        h = tl.load(h_ptr + rows64 * h_stride + cols[None, :], mask=mask, other=0.0).to(s.dtype)
+        acc_gh += g * h
+    if NEED_B:
+        acc_g += g
+    return acc_gh, acc_g
+
+
+@triton.jit
 def _red_edit_bwd_kernel(
     g_ptr,
     h_ptr,
@@ -65,15 +96,9 @@ def _red_edit_bwd_kernel(
         rows = row0 + local
         mask = ((rows < M) & (local < rows_per_prog))[:, None] & cmask[None, :]
         rows64 = rows.to(tl.int64)[:, None]
-        g = tl.load(g_ptr + rows64 * g_stride + cols[None, :], mask=mask, other=0.0).to(s.dtype)
-        if NEED_H:
-            gh = g * s[None, :]
-            tl.store(gh_ptr + rows64 * D + cols[None, :], gh.to(gh_ptr.dtype.element_ty), mask=mask)
-        if NEED_S:
-            h = tl.load(h_ptr + rows64 * h_stride + cols[None, :], mask=mask, other=0.0).to(s.dtype)
-            acc_gh += g * h
-        if NEED_B:
-            acc_g += g
+        acc_gh, acc_g = bwd_row_tile(
+            g_ptr, h_ptr, gh_ptr, rows64, cols, mask, s, D, g_stride, h_stride, acc_gh, acc_g, NEED_H, NEED_S, NEED_B
+        )
     if NEED_S:
         tl.store(part_gh_ptr + pid_m * D + cols, tl.sum(acc_gh, axis=0), mask=cmask)
     if NEED_B:
