@@ -19,7 +19,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "common/alloc.h"
@@ -151,14 +150,8 @@ GatheredPlan gathered_plan(const at::Tensor& ids_cpu, int64_t num_tenants, int64
   plan.units = units;
   plan.nchunks = first_chunk[K + 1];
   plan.tenant_chunks = first_chunk[K];
-  plan.num_tenants = K;
-  plan.rows_per_unit = rows_per_unit;
   plan.table = at::empty({units + 3 * plan.nchunks + K + 1}, ids_cpu.options());
-  int64_t* order = plan.table.mutable_data_ptr<int64_t>();
-  int64_t* tenant = order + units;
-  int64_t* begin = tenant + plan.nchunks;
-  int64_t* end = begin + plan.nchunks;
-  int64_t* seg = end + plan.nchunks;
+  const auto [order, tenant, begin, end, seg] = plan.ptrs(plan.table.mutable_data_ptr<int64_t>());
   std::vector<int64_t> next(first_unit.begin(), first_unit.end() - 1);
   for (int64_t u = 0; u < units; ++u) order[next[ids[u] < 0 ? K : ids[u]]++] = u;  // stable
   for (int64_t s = 0; s <= K; ++s) {
@@ -273,11 +266,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cpu(
   const int64_t rows_per_chunk =
       red_edit_rows_per_block(m, 64, std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1)));
   const GatheredPlan plan = gathered_plan(ids, K, T, rows_per_chunk);
-  const int64_t* order = plan.table.const_data_ptr<int64_t>();
-  const int64_t* chunk_tenant = order + plan.units;
-  const int64_t* chunk_begin = chunk_tenant + plan.nchunks;
-  const int64_t* chunk_end = chunk_begin + plan.nchunks;
-  const int64_t* seg = chunk_end + plan.nchunks;
+  const auto [order, chunk_tenant, chunk_begin, chunk_end, seg] =
+      plan.ptrs(plan.table.const_data_ptr<int64_t>());
   at::Tensor part_gh = at::zeros({need_scales ? plan.tenant_chunks : 0, d}, opts.dtype(acc));
   at::Tensor part_g = at::zeros({need_biases ? plan.tenant_chunks : 0, d}, opts.dtype(acc));
   const at::Tensor hr = need_scales ? as_rows(*h) : at::Tensor();

@@ -37,17 +37,28 @@ RK_HD int64_t gathered_sorted_row(const int64_t* order, int64_t p, int64_t rows_
 namespace red_kernels {
 
 // Host plan (see above). `table` is one int64 tensor holding, in this order:
-//   order [units] | chunk_tenant [nchunks] | chunk_begin [nchunks] | chunk_end [nchunks] | seg
-//   [K+1]
-// so a CUDA caller moves it to the device with one copy. Tenant chunks come first (tenant order),
-// then the chunks of unedited rows (chunk_tenant -1), which only produce grad_h.
+//   order [units] | chunk_tenant [nchunks] | chunk_begin [nchunks] | chunk_end [nchunks] |
+//   seg [K+1]
+// so a CUDA caller moves it to the device with one copy; ptrs() is that layout. Tenant chunks come
+// first (tenant order), then the chunks of unedited rows (chunk_tenant -1), which only produce
+// grad_h.
+template <typename P>  // const int64_t* to read the plan, int64_t* to fill it
+struct GatheredPlanPtrs {
+  P order, tenant, begin, end, seg;
+};
+
 struct GatheredPlan {
   at::Tensor table;
   int64_t units = 0;
   int64_t nchunks = 0;        // all chunks
   int64_t tenant_chunks = 0;  // chunks [0, tenant_chunks) belong to tenants 0..K-1
-  int64_t num_tenants = 0;    // K
-  int64_t rows_per_unit = 1;
+
+  // The sections of the table starting at `base` (the host table or its device copy).
+  template <typename P>
+  GatheredPlanPtrs<P> ptrs(P base) const {
+    return {base, base + units, base + units + nchunks, base + units + 2 * nchunks,
+            base + units + 3 * nchunks};
+  }
 };
 
 // Checks shared by the CPU and CUDA entry points (defined in gathered_red_edit.cpp). The id values

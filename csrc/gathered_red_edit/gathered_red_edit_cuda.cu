@@ -99,13 +99,7 @@ void launch_fwd(const T* h, int64_t hs, const int64_t* ids, int64_t rpu, const A
 }
 
 // Device pointers into the plan table (layout in gathered_red_edit.h).
-struct PlanPtrs {
-  const int64_t* order;
-  const int64_t* tenant;
-  const int64_t* begin;
-  const int64_t* end;
-  const int64_t* seg;
-};
+using PlanPtrs = GatheredPlanPtrs<const int64_t*>;
 
 template <typename T, typename A, bool NH, bool NS, bool NB>
 void launch_bwd_flags(const T* g, int64_t gs, const T* h, int64_t hs, const A* s, int64_t s_ts,
@@ -184,13 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cuda(
   const int64_t T = gathered_rows_per_unit(grad_out, tenant_ids);
   const GatheredPlan plan = gathered_plan(ids_cpu, K, T, red_edit_rows_per_block(m, 256, 16));
   const at::Tensor table = plan.table.to(grad_out.device());  // one host -> device copy
-  const int64_t* tp = table.const_data_ptr<int64_t>();
-  PlanPtrs pp;
-  pp.order = tp;
-  pp.tenant = tp + plan.units;
-  pp.begin = pp.tenant + plan.nchunks;
-  pp.end = pp.begin + plan.nchunks;
-  pp.seg = pp.end + plan.nchunks;
+  const PlanPtrs pp = plan.ptrs(table.const_data_ptr<int64_t>());
   at::Tensor part_gh = at::empty({need_scales ? plan.tenant_chunks : 0, d}, opts.dtype(acc));
   at::Tensor part_g = at::empty({need_biases ? plan.tenant_chunks : 0, d}, opts.dtype(acc));
   const at::Tensor hr = need_scales ? as_rows(*h) : at::Tensor();

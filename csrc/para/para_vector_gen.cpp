@@ -15,10 +15,10 @@
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/argsort.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones_like.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -41,7 +41,7 @@ namespace red_kernels {
 namespace {
 
 // min and max of a non-empty int64 index tensor, read on the host: a loop over the values on CPU
-// (no tensor op), aminmax and one sync on CUDA.
+// (no tensor op); on CUDA aminmax, then both values in one copy (one sync).
 std::pair<int64_t, int64_t> index_range(const at::Tensor& idx) {
   if (idx.is_cpu()) {
     const at::Tensor c = idx.contiguous();
@@ -49,8 +49,9 @@ std::pair<int64_t, int64_t> index_range(const at::Tensor& idx) {
     const auto [lo, hi] = std::minmax_element(v, v + c.numel());
     return {*lo, *hi};
   }
-  const auto mm = at::aminmax(idx);
-  return {std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>()};
+  const auto [lo, hi] = at::aminmax(idx);
+  const at::Tensor both = at::stack({lo, hi}).to(at::kCPU);
+  return {both.const_data_ptr<int64_t>()[0], both.const_data_ptr<int64_t>()[1]};
 }
 
 void check_index_tensor(const at::Tensor& idx, const char* name, int64_t batch,
@@ -140,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> para_segments(const c10::optional<at::Tensor>
   at::Tensor counts = at::zeros({num_tenants + 1}, opts);
   counts.scatter_add_(0, at::add(ids, 1), at::ones_like(ids));
   // offsets[k] = number of rows with id < k, for k = 0..K (counts[0] is tenant -1).
-  const at::Tensor offsets = at::cumsum(counts, 0).to(at::kLong);
+  const at::Tensor offsets = at::cumsum(counts, 0);
   return {rows, offsets};
 }
 
@@ -190,7 +191,7 @@ HostSegments host_segments(const int64_t* ids, int64_t batch, int64_t num_tenant
 // Groups of at most kGroup rows of one tenant, as flat (tenant, first index into rows, count)
 // triples, in tenant order: the units of the CPU register-blocked projections.
 std::vector<int64_t> row_groups(const std::vector<int64_t>& offsets, int64_t num_tenants) {
-  constexpr int64_t group = 4;  // kGroup in para_vector_gen_cpu_kernels.inc
+  constexpr int64_t group = base::kGroup;  // rows per register-blocked group
   std::vector<int64_t> groups;
   for (int64_t k = 0; k < num_tenants; ++k) {
     for (int64_t s = offsets[k]; s < offsets[k + 1]; s += group) {
@@ -342,8 +343,8 @@ class ParaVectorGenFunction : public torch::autograd::Function<ParaVectorGenFunc
         ctx->needs_input_grad(2) || ctx->needs_input_grad(3) || ctx->needs_input_grad(4);
     static const auto op = rk_op<decltype(para_bwd_cpu)>("red_kernels_C::para_vector_gen_bwd");
     auto [gh, gwd, gwu, gbu] =
-        op.call(grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3], saved[4],
-                saved_or_none(saved[5]), ctx->saved_data["activation"].toInt(), need_h, need_w);
+        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved_or_none(saved[5]),
+                ctx->saved_data["activation"].toInt(), need_h, need_w);
     return {take_grad(need_h, gh),
             at::Tensor(),
             take_grad(ctx->needs_input_grad(2), gwd),

@@ -13,11 +13,12 @@
 // and out[j] = 1 when k = -1 (no generator: the scaling vectors leave the model unchanged).
 // Backward, with g = grad_out[b]:
 //
-//   ga[c]              = sum_j g[j] * w_up[k, c, j]
-//   gz[c]              = ga[c] * act'(z[c])
-//   grad_h[b, p, i]    = sum_c w_down[k, i, c] * gz[c]          (the only non-zero row of
-//   grad_h[b]) grad_b_up[k, j]    = sum_{b in k} g_b[j] grad_w_up[k, c, j] = sum_{b in k} a_b[c] *
-//   g_b[j] grad_w_down[k,i,c] = sum_{b in k} x_b[i] * gz_b[c]
+//   ga[c]               = sum_j g[j] * w_up[k, c, j]
+//   gz[c]               = ga[c] * act'(z[c])
+//   grad_h[b, p, i]     = sum_c w_down[k, i, c] * gz[c]      (the only non-zero row of grad_h[b])
+//   grad_b_up[k, j]     = sum_{b in k} g_b[j]
+//   grad_w_up[k, c, j]  = sum_{b in k} a_b[c] * g_b[j]
+//   grad_w_down[k, i, c] = sum_{b in k} x_b[i] * gz_b[c]
 //
 // Sums over the rows of a tenant run in batch order (rows sorted stably by tenant), so the weight
 // gradients are deterministic without atomics.

@@ -15,8 +15,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
-#include <vector>
 
 #include "common/alloc.h"
 #include "common/autograd.h"

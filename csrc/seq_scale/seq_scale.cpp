@@ -17,7 +17,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "common/alloc.h"
@@ -244,8 +243,8 @@ std::tuple<at::Tensor, at::Tensor> seq_scale_bwd_cpu(const at::Tensor& grad_out,
             for (int64_t k = k0; k < k1; ++k) {
               const int64_t* c = chunks + 3 * k;
               std::fill(pp + k * n, pp + (k + 1) * n, A(0));
-              RK_ISA_CALL(bwd_chunk<scalar_t RK_COMMA A RK_COMMA NX RK_COMMA true>, gs, xs, perm,
-                          vp + c[0] * n, gxp, pp + k * n, n, c[1], c[2]);
+              RK_ISA_CALL(bwd_chunk<scalar_t RK_COMMA A RK_COMMA NX>, gs, xs, perm, vp + c[0] * n,
+                          gxp, pp + k * n, n, c[1], c[2]);
             }
           });
         });
