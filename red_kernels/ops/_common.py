@@ -17,9 +17,10 @@ EXT_BACKENDS = ("cpu", "cuda")
 def goes_straight_to_ext(backend: str, x: object, op: str, implemented: tuple[str, ...]) -> bool:
     """Whether a public op call should skip its Python custom op and call the compiled backend's
     C++ op directly: eager (not being traced by torch.compile), a tensor input, and a request that
-    resolves to ``cpu`` or ``cuda``. That C++ op checks its arguments with the same messages and
-    carries its own autograd, so the call costs ~3 us of overhead instead of ~30 us. An explicit
-    backend that cannot run raises here, as it would inside the custom op."""
+    resolves to ``cpu`` or ``cuda``. That C++ op checks its arguments (its messages name the
+    argument too, in C++'s wording) and carries its own autograd, so the call costs ~3 us of
+    overhead instead of ~30 us. An explicit backend that cannot run raises here, as it would
+    inside the custom op."""
     if not isinstance(x, Tensor) or torch.compiler.is_compiling():
         return False
     return resolve(backend, x.device, op, implemented) in EXT_BACKENDS
@@ -52,6 +53,12 @@ def check_vector(v: Tensor | None, name: str, d: int, h: Tensor, op: str) -> Non
             f"red_kernels.{op}: argument '{name}' must have shape [{d}] (the last dim of 'h'), got {list(v.shape)}"
         )
     check_same_device(h, "h", v, name, op)
+
+
+def index_bounds(idx: Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty integer tensor, read on the host in one transfer (one sync on GPU)."""
+    lo, hi = torch.stack(torch.aminmax(idx.reshape(-1))).tolist()
+    return lo, hi
 
 
 def leading_size(x: Tensor) -> int:

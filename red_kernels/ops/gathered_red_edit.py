@@ -47,6 +47,7 @@ from red_kernels.ops._common import (
     check_same_device,
     empty_unless,
     goes_straight_to_ext,
+    index_bounds,
     leading_size,
 )
 
@@ -132,7 +133,7 @@ def check_id_values(tenant_ids: Tensor, num_tenants: int) -> None:
     if tenant_ids.numel() == 0:
         return
     flat = tenant_ids.reshape(-1)
-    lo, hi = (v.item() for v in torch.aminmax(flat))
+    lo, hi = index_bounds(flat)
     if lo < -1 or hi >= num_tenants:
         pos = int(((flat < -1) | (flat >= num_tenants)).nonzero()[0, 0])
         raise ValueError(

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from red_kernels._backend import requested_backend, resolve, when_extension_loads
 from red_kernels.ops._activations import ACTIVATIONS, activation_code, activation_grad, apply_activation
-from red_kernels.ops._common import EXT_BACKENDS, check_floating, check_same_device
+from red_kernels.ops._common import EXT_BACKENDS, check_floating, check_same_device, goes_straight_to_ext, index_bounds
 
 OP = "para_vector_gen"
 MAX_RANK = 64  # kParaMaxRank in csrc/para/para_vector_gen.h
@@ -111,7 +111,7 @@ def _check_range(idx: Tensor, name: str, lo: int, hi: int, what: str, op: str) -
     """Values of ``idx`` in [lo, hi), read on the host (one sync on GPU) before any kernel runs."""
     if idx.numel() == 0:
         return
-    mn, mx = (v.item() for v in torch.aminmax(idx))
+    mn, mx = index_bounds(idx)
     if mn < lo or mx >= hi:
         raise ValueError(
             f"red_kernels.{op}: argument '{name}' values must lie in [{lo}, {hi}) ({what}), got min {mn} and max {mx}"
@@ -130,7 +130,7 @@ def check_args(
 ) -> None:
     """Every argument of both public ops; shapes are [d, r] / [r, n] / [n] without tenant ids and
     [K, d, r] / [K, r, n] / [K, n] with them. ``values`` also checks the index values."""
-    op = OP if tenant_ids is None else "gathered_para_vector_gen"
+    op = _op_name(tenant_ids)
     check_floating(h, "h", op)
     if h.dim() != 3:
         raise ValueError(f"red_kernels.{op}: argument 'h' must be [B, T, d], got shape {list(h.shape)}")
@@ -259,17 +259,18 @@ def _bwd_triton(grad_out, h, pool_index, wd, wu, bu, tenant_ids, act, need_h, ne
 _FWD = {"reference": _fwd_reference, "cpu": _fwd_ext, "cuda": _fwd_ext, "triton": _fwd_triton}
 _BWD = {"reference": _bwd_reference, "cpu": _bwd_ext, "cuda": _bwd_ext, "triton": _bwd_triton}
 IMPLEMENTED = tuple(_FWD)
-# The compiled backends (EXT_BACKENDS): their C++ ops check every argument and the index values
-# themselves, with the same messages (checking twice would cost a second GPU sync), and carry their
-# own autograd.
+
+
+def _op_name(tenant_ids: Tensor | None) -> str:
+    return OP if tenant_ids is None else "gathered_para_vector_gen"
 
 
 def _resolve(backend: str, h: Tensor, w_down: Tensor, tenant_ids: Tensor | None) -> str:
-    name = resolve(backend, h.device, OP if tenant_ids is None else "gathered_para_vector_gen", IMPLEMENTED)
-    if name == "triton" and w_down.shape[-1] > MAX_RANK:  # the compiled ops say so themselves
+    name = resolve(backend, h.device, _op_name(tenant_ids), IMPLEMENTED)
+    if name == "triton" and w_down.shape[-1] > MAX_RANK:  # the compiled ops check this themselves
         raise ValueError(
-            f"red_kernels.{OP}: argument 'w_down' has rank {w_down.shape[-1]}; the {name} kernels support "
-            f"1..{MAX_RANK} (use backend='reference' for larger ranks)"
+            f"red_kernels.{_op_name(tenant_ids)}: argument 'w_down' has rank {w_down.shape[-1]}; the triton "
+            f"kernels support 1..{MAX_RANK} (use backend='reference' for larger ranks)"
         )
     return name
 
@@ -289,6 +290,8 @@ def _para_op(
     backend: str,
 ) -> Tensor:
     name = _resolve(backend, h, w_down, tenant_ids)
+    # The compiled backends' C++ ops check every argument and the index values themselves (the
+    # message names the argument too); checking here as well would cost a second GPU sync.
     if name not in EXT_BACKENDS:
         check_args(h, pool_index, w_down, w_up, b_up, tenant_ids, activation)
     return _FWD[name](h, pool_index, w_down, w_up, b_up, tenant_ids, activation_code(activation, OP))
@@ -397,11 +400,10 @@ def call_para_op(h, pool_index, w_down, w_up, b_up, tenant_ids, activation: str,
     ~30 us, which at PARA sizes is as much as the kernel). Under torch.compile, and on the Python
     backends, the call goes through the custom op ``red_kernels::para_vector_gen``, which resolves
     the backend when the graph runs."""
-    if isinstance(h, Tensor) and isinstance(w_down, Tensor) and not torch.compiler.is_compiling():
-        name = _resolve(backend, h, w_down, tenant_ids)
-        if name in EXT_BACKENDS:
-            code = activation_code(activation, OP if tenant_ids is None else "gathered_para_vector_gen")
-            return torch.ops.red_kernels_C.para_vector_gen(h, pool_index, w_down, w_up, b_up, tenant_ids, code)
+    op = _op_name(tenant_ids)
+    if goes_straight_to_ext(backend, h, op, IMPLEMENTED):
+        code = activation_code(activation, op)
+        return torch.ops.red_kernels_C.para_vector_gen(h, pool_index, w_down, w_up, b_up, tenant_ids, code)
     return _para_op(h, pool_index, w_down, w_up, b_up, tenant_ids, activation, backend)
 
 

@@ -38,7 +38,13 @@ import torch
 from torch import Tensor
 
 from red_kernels._backend import requested_backend, resolve, when_extension_loads
-from red_kernels.ops._common import acc_dtype, check_floating, check_same_device, goes_straight_to_ext
+from red_kernels.ops._common import (
+    acc_dtype,
+    check_floating,
+    check_same_device,
+    goes_straight_to_ext,
+    index_bounds,
+)
 
 OP = "seq_scale"
 
@@ -95,7 +101,7 @@ def check_seq_index_values(seq_index: Tensor | None, num_seqs: int) -> None:
     any kernel indexes ``vec`` with it, so a bad index is an error, never an out-of-bounds read."""
     if seq_index is None or seq_index.numel() == 0:
         return
-    lo, hi = (int(v) for v in torch.aminmax(seq_index))
+    lo, hi = index_bounds(seq_index)
     if lo < 0 or hi >= num_seqs:
         bad = lo if lo < 0 else hi
         pos = int((seq_index == bad).nonzero()[0, 0])

@@ -202,7 +202,8 @@ def segments(tenant_ids: Tensor | None, batch: int, num_tenants: int, device: to
     """Rows grouped by tenant in batch order: tenant k owns rows[offsets[k]:offsets[k + 1]] (rows of
     tenant -1 belong to none). Same construction as para_segments in csrc, without a host sync."""
     if tenant_ids is None:
-        return torch.arange(batch, device=device), torch.tensor([0, batch], device=device)
+        # arange * batch, not torch.tensor([0, batch]): a tensor from a host list is a copy and a sync.
+        return torch.arange(batch, device=device), torch.arange(2, device=device) * batch
     rows = torch.argsort(tenant_ids, stable=True)
     counts = torch.zeros(num_tenants + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, tenant_ids + 1, torch.ones_like(tenant_ids))
