@@ -31,7 +31,8 @@ def _red_edit_case():
         public=lambda h, s, b: rk.red_edit(h, s, b, backend="cpu"),
         custom=lambda h, s, b: _red_edit_op(h, s, b, "cpu"),
         args=(h, s, b),
-        cpp=torch.ops.red_kernels_C.red_edit if "cpu" in cpu_backends() else None,
+        more_args=[(_leaf(5, 16, dtype=torch.bfloat16), _leaf(16), _leaf(16))],  # mixed precision
+        cpp=torch.ops.red_kernels_C.red_edit,
         cpp_args=[
             (h, s, b),
             (h, None, b),
@@ -46,9 +47,10 @@ def _seq_scale_case():
     idx = torch.tensor([1, 0, 1, 1, 0, 0])
     return dict(
         node="SeqScaleFunction",
-        public=lambda x, v: rk.seq_scale(x, v, backend="cpu"),
-        custom=lambda x, v: _seq_scale_op(x, v, None, "cpu"),
+        public=lambda x, v, idx=None: rk.seq_scale(x, v, idx, backend="cpu"),
+        custom=lambda x, v, idx=None: _seq_scale_op(x, v, idx, "cpu"),
         args=(x, v),
+        more_args=[(_leaf(6, 16), _leaf(2, 16), idx), (_leaf(2, 5, 16, dtype=torch.bfloat16), _leaf(2, 16))],
         cpp=torch.ops.red_kernels_C.seq_scale,
         cpp_args=[(x, v, None), (_leaf(6, 16), _leaf(2, 16), idx), (x.detach(), v, None), (x, v.detach(), None)],
     )
@@ -62,6 +64,7 @@ def _gathered_red_edit_case():
         public=lambda h, s, b: rk.gathered_red_edit(h, s, b, ids, backend="cpu"),
         custom=lambda h, s, b: _gathered_red_edit_op(h, s, b, ids, "cpu"),
         args=(h, s, b),
+        more_args=[(_leaf(4, 3, 16, dtype=torch.bfloat16), s, b)],
         cpp=torch.ops.red_kernels_C.gathered_red_edit,
         cpp_args=[
             (h, s, b, ids),
@@ -81,6 +84,7 @@ def _para_case():
         public=lambda h, wd, wu, bu: rk.para_vector_gen(h, p, wd, wu, bu, backend="cpu"),
         custom=lambda h, wd, wu, bu: _para_op(h, p, wd, wu, bu, None, "gelu", "cpu"),
         args=(h, wd, wu, bu),
+        more_args=[(_leaf(3, 7, 16, dtype=torch.bfloat16), wd, wu, bu)],  # fp32 weights on bf16 h
         cpp=torch.ops.red_kernels_C.para_vector_gen,
         cpp_args=[
             (h, p, wd, wu, bu, None, 0),
@@ -114,17 +118,20 @@ def test_opcheck_cpp_op(op):
 
 @pytest.mark.parametrize("op", list(CASES))
 def test_cpp_and_custom_op_paths_agree(op):
+    """Same kernels, two autograd wirings: bit-equal outputs and gradients, incl. mixed precision
+    (fp32 parameters on bf16 activations) and packed indices."""
     case = CASES[op]()
-    args = case["args"]
-    out_cpp = case["public"](*args)
-    out_custom = case["custom"](*args)
-    assert "CppNode" not in out_custom.grad_fn.name()
-    g = torch.randn_like(out_cpp)
-    grads_cpp = torch.autograd.grad(out_cpp, args, g)
-    grads_custom = torch.autograd.grad(out_custom, args, g)
-    assert torch.equal(out_cpp, out_custom)
-    for a, b in zip(grads_cpp, grads_custom):
-        assert torch.equal(a, b)
+    for args in [case["args"], *case["more_args"]]:
+        wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        out_cpp = case["public"](*args)
+        out_custom = case["custom"](*args)
+        assert "CppNode" not in out_custom.grad_fn.name()
+        g = torch.randn_like(out_cpp)
+        grads_cpp = torch.autograd.grad(out_cpp, wrt, g)
+        grads_custom = torch.autograd.grad(out_custom, wrt, g)
+        assert torch.equal(out_cpp, out_custom)
+        for a, b in zip(grads_cpp, grads_custom):
+            assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("op", list(CASES))

@@ -235,8 +235,10 @@ def test_backward_deterministic(backend):
             assert torch.equal(a, b)
 
 
-def test_saves_only_h():
-    """Autograd keeps h, the [K, d] tables and the ids alive, nothing else of h's size."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saves_only_h(backend):
+    """Autograd keeps h, the [K, d] tables and the ids alive, nothing else of h's size (the cpu
+    backend's autograd is C++'s)."""
     h, scales, biases, ids = _inputs((64, 128), torch.float32, 4, torch.randint(-1, 4, (64,)))
     saved = []
 
@@ -245,12 +247,12 @@ def test_saves_only_h():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        rk.gathered_red_edit(h, scales, biases, ids, backend="reference")
+        rk.gathered_red_edit(h, scales, biases, ids, backend=backend)
     big = [t for t in saved if t.numel() > scales.numel()]
     assert len(big) == 1 and big[0].data_ptr() == h.data_ptr()
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        rk.gathered_red_edit(h, scales.detach(), biases, ids, backend="reference")
+        rk.gathered_red_edit(h, scales.detach(), biases, ids, backend=backend)
     assert all(t.data_ptr() != h.data_ptr() for t in saved), "h saved although scales need no gradient"
 
 

@@ -145,8 +145,10 @@ def test_backward_deterministic(backend):
             assert torch.equal(a, b)
 
 
-def test_saves_only_h():
-    """Autograd keeps h (and the [d] vectors) alive, nothing of the output's size beyond that."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saves_only_h(backend):
+    """Autograd keeps h (and the [d] vectors) alive, nothing of the output's size beyond that, and
+    not h either when scale needs no gradient (the cpu backend's autograd is C++'s)."""
     h, scale, bias = _inputs((64, 128), torch.float32)
     saved = []
 
@@ -155,9 +157,13 @@ def test_saves_only_h():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        rk.red_edit(h, scale, bias, backend="reference")
+        rk.red_edit(h, scale, bias, backend=backend)
     big = [t for t in saved if t.numel() > scale.numel()]
     assert len(big) == 1 and big[0].data_ptr() == h.data_ptr()
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rk.red_edit(h, scale.detach(), bias, backend=backend)
+    assert all(t.data_ptr() != h.data_ptr() for t in saved), "h saved although scale needs no gradient"
 
 
 @pytest.mark.parametrize(
@@ -202,12 +208,20 @@ def test_compile_fullgraph(backend):
         torch.testing.assert_close(a, b)
 
 
-def test_compile_under_context_manager():
+def test_compile_under_context_manager(monkeypatch):
+    """The backend chosen by use_backend reaches the compiled graph (the reference's kernel runs)."""
+    import sys
+
     torch._dynamo.reset()
+    module = sys.modules["red_kernels.ops.red_edit"]  # the package re-exports the function's name
+    calls = []
+    real = module._FWD["reference"]
+    monkeypatch.setitem(module._FWD, "reference", lambda *a: calls.append(1) or real(*a))
     h, scale, bias = _inputs((2, 8), torch.float32)
     compiled = torch.compile(lambda a, b, c: rk.red_edit(a, b, c), fullgraph=True)
     with rk.use_backend("reference"):
         torch.testing.assert_close(compiled(h, scale, bias), rk.red_edit_reference(h, scale, bias))
+    assert calls, "the compiled call did not run the reference backend"
 
 
 # --- selection -----------------------------------------------------------------------------------
