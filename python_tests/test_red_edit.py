@@ -240,6 +240,44 @@ def test_selection_precedence(monkeypatch):
         requested_backend()
 
 
+def test_selection_is_per_thread():
+    """use_backend in one thread is invisible to another, and interleaved exits restore each
+    thread's own selection (issue 9: the selection was a process-wide stack)."""
+    import threading
+
+    from red_kernels._backend import requested_backend
+
+    entered, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def other():
+        with rk.use_backend("cpu"):
+            entered.set()
+            release.wait(10)
+            seen["inside"] = requested_backend()
+        seen["after"] = requested_backend()
+
+    with rk.use_backend("reference"):
+        t = threading.Thread(target=other)
+        t.start()
+        assert entered.wait(10)
+        assert requested_backend() == "reference"  # not the other thread's "cpu"
+        with rk.use_backend("triton"):
+            release.set()  # the other thread exits its block while this one is nested
+            t.join(10)
+            assert requested_backend() == "triton"
+        assert requested_backend() == "reference"
+    assert requested_backend() == "auto"
+    assert seen == {"inside": "cpu", "after": "auto"}
+
+    fresh = {}
+    with rk.use_backend("reference"):
+        t = threading.Thread(target=lambda: fresh.setdefault("b", requested_backend()))
+        t.start()
+        t.join(10)
+    assert fresh == {"b": "auto"}  # a new thread does not inherit the selection
+
+
 def test_explicit_unavailable_backend_raises():
     h, scale, bias = _inputs((2, 8), torch.float32)
     unavailable = [b for b in rk.backends() if not b.available or "cpu" not in b.devices]

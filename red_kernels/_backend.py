@@ -16,6 +16,7 @@ quietly (cuda, triton, reference on GPU; cpu, reference on CPU). Nothing here in
 from __future__ import annotations
 
 import contextlib
+import threading
 import functools
 import os
 from collections.abc import Callable, Iterator
@@ -30,7 +31,11 @@ ENV_VAR = "RED_KERNELS_BACKEND"
 # Automatic preference per device type.
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
-_context_stack: list[str] = []
+# The innermost use_backend() selection of each thread (attribute ``selected``). Per thread, not a
+# module-level stack, so that threads never see each other's selection; each block restores what it
+# replaced. threading.local rather than a ContextVar because torch.compile traces (and guards on)
+# an attribute read of it, while ContextVar.get is a graph break.
+_local = threading.local()
 
 
 @dataclass(frozen=True)
@@ -154,20 +159,25 @@ def _check_name(name: str, source: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the ops inside the block on backend ``name`` (``"auto"`` restores automatic choice)."""
-    _context_stack.append(_check_name(name, "use_backend"))
+    """Run the ops inside the block on backend ``name`` (``"auto"`` restores automatic choice).
+
+    The selection is per thread: other threads keep their own, and a new thread starts with none."""
+    name = _check_name(name, "use_backend")
+    previous = getattr(_local, "selected", None)
+    _local.selected = name
     try:
         yield
     finally:
-        _context_stack.pop()
+        _local.selected = previous
 
 
 def requested_backend(explicit: str | None = None) -> str:
     """The backend asked for: argument, then context, then environment, else ``"auto"``."""
     if explicit is not None:
         return _check_name(explicit, "backend argument")
-    if _context_stack:
-        return _context_stack[-1]
+    selected = getattr(_local, "selected", None)
+    if selected is not None:
+        return selected
     env = os.environ.get(ENV_VAR)
     if env:
         return _check_name(env, ENV_VAR)
