@@ -168,3 +168,17 @@ def test_compile_fullgraph():
     torch.testing.assert_close(compiled(h, mask, None), pool(h, mask, None))
     with pytest.raises(ValueError, match="all padding"):
         compiled(h, torch.zeros_like(mask), None)
+
+
+@pytest.mark.parametrize("lengths", [[1.5, 2], [True, 2], ["2", 2], 3, [[1], [2]]])
+def test_prompt_lengths_sequence_must_hold_ints(lengths):
+    """A float length is not truncated, a bool is not a length (issue 9)."""
+    mask = torch.ones(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="red_kernels.last_token_index: argument 'prompt_lengths'"):
+        rk.last_token_index(mask, lengths)
+
+
+def test_prompt_lengths_sequence_of_numpy_ints():
+    np = pytest.importorskip("numpy")
+    mask = torch.ones(2, 3, dtype=torch.int64)
+    assert rk.last_token_index(mask, [np.int64(2), 3]).tolist() == [1, 2]

@@ -18,6 +18,7 @@ prompt lengths out of range) run eagerly inside ``torch.compile(fullgraph=True)`
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -121,5 +122,12 @@ def last_token_index(attention_mask: Tensor, prompt_lengths: Tensor | Sequence[i
             f"red_kernels.{OP}: argument 'attention_mask' must be a Tensor, got {type(attention_mask).__name__}"
         )
     if prompt_lengths is not None and not isinstance(prompt_lengths, Tensor):
-        prompt_lengths = torch.as_tensor(prompt_lengths, dtype=torch.int64, device=attention_mask.device)
+        values = list(prompt_lengths) if isinstance(prompt_lengths, Sequence) else None
+        # bool is an int subclass; a float such as 1.5 must not be truncated to 1.
+        if values is None or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+            raise ValueError(
+                f"red_kernels.{OP}: argument 'prompt_lengths' must be a LongTensor or a sequence of ints, "
+                f"got {prompt_lengths!r}"
+            )
+        prompt_lengths = torch.tensor(values, dtype=torch.int64, device=attention_mask.device)
     return _last_token_index_op(attention_mask, prompt_lengths)
