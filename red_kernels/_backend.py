@@ -16,9 +16,9 @@ quietly (cuda, triton, reference on GPU; cpu, reference on CPU). Nothing here in
 from __future__ import annotations
 
 import contextlib
-import threading
 import functools
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
