@@ -164,6 +164,34 @@ def test_non_contiguous_grad(backend, form):
         _check_against_reference(backend, x, vec, idx, grad=torch.randn(7, 3, 20).transpose(0, 1))
 
 
+def _index_view(view, b, rows):
+    """A packed seq_index that is a view, not a fresh contiguous tensor."""
+    if view == "sliced":  # every other entry of a longer index
+        return torch.randint(0, b, (2 * rows,))[::2]
+    if view == "expanded":  # one sequence for every row: stride 0 over a one-element storage
+        return torch.tensor([b - 1]).expand(rows)
+    if view == "offset":  # a column of an [rows, 3] table: storage offset 1, stride 3
+        return torch.randint(0, b, (rows, 3))[:, 1]
+    return torch.randint(0, b, (2, rows))[1]  # "row": contiguous, storage offset rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", ["sliced", "expanded", "offset", "row"])
+def test_seq_index_views(backend, view):
+    """Any view of seq_index reads the entries it shows (the Triton kernel once read the index as
+    contiguous from its data pointer: wrong rows for a sliced index, a crash for an expanded one).
+    Forward, both gradients, and the x-only backward (frozen vectors), which takes its own path."""
+    b, rows, n = 3, 40, 24
+    idx = _index_view(view, b, rows)
+    assert not idx.is_contiguous() or idx.storage_offset() > 0
+    x = torch.randn(rows, n, requires_grad=True)
+    vec = (1 + torch.randn(b, n)).requires_grad_()
+    _check_against_reference(backend, x, vec, idx)
+    g = torch.randn(rows, n)
+    (gx,) = torch.autograd.grad(rk.seq_scale(x, vec.detach(), idx, backend=backend), (x,), g)
+    torch.testing.assert_close(gx, g * vec.detach()[idx], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "form,shape,b", [("dense", (0, 4, 8), 0), ("dense", (3, 0, 8), 3), ("dense", (3, 4, 0), 3), ("packed", (0, 8), 3)]

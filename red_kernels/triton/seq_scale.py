@@ -36,18 +36,20 @@ def _scale_rows_kernel(
     t_len,
     s_b,
     s_t,
+    s_idx,
     HAS_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # out[r] = src[r] * v[seq(r)] for a [BLOCK_M, BLOCK_D] tile; row r sits at (r // t_len) * s_b +
-    # (r % t_len) * s_t (packed: t_len = M, s_b = 0) and belongs to idx[r] (packed) or r // t_len.
+    # (r % t_len) * s_t (packed: t_len = M, s_b = 0) and belongs to idx[r * s_idx] (packed: any view
+    # of the index, stride 0 included) or r // t_len.
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     rmask = rows < M
     mask = rmask[:, None] & (cols < N)[None, :]
     if HAS_INDEX:
-        seq = tl.load(idx_ptr + rows, mask=rmask, other=0)
+        seq = tl.load(idx_ptr + rows * s_idx, mask=rmask, other=0)
     else:
         seq = rows // t_len
     offs = (rows // t_len) * s_b + (rows % t_len) * s_t
@@ -193,6 +195,7 @@ def _scale_all_rows(src: Tensor, vec: Tensor, seq_index: Tensor | None, out: Ten
         r.t_len,
         r.s_b,
         r.s_t,
+        seq_index.stride(0) if seq_index is not None else 0,
         HAS_INDEX=seq_index is not None,
         BLOCK_M=bm,
         BLOCK_D=bd,
