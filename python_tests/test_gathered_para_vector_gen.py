@@ -48,6 +48,57 @@ def test_all_rows_no_tenant(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_bank(backend):
+    """K = 0 (no tenant has a generator yet), every row -1: ones, and zero gradients of the right
+    shapes; no kernel may read a weight (there is none)."""
+    h, p, wd, wu, bu = make_inputs(3, 4, 16, 5, 9, torch.float32, k=0)
+    out = rk.gathered_para_vector_gen(h, p, wd, wu, bu, torch.full((3,), -1), backend=backend)
+    assert torch.equal(out, torch.ones(3, 9))
+    out.sum().backward()
+    assert torch.equal(h.grad, torch.zeros_like(h))
+    assert wd.grad.shape == (0, 16, 5) and wu.grad.shape == (0, 5, 9) and bu.grad.shape == (0, 9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")])
+def test_rows_without_tenant_read_no_weights(backend, poison):
+    """Rows of tenant -1 never touch any tenant's generator: inf/NaN in the weights of a tenant
+    absent from the batch (tenant 0, the one a clamp of -1 would pick) changes no output bit and no
+    gradient bit, and the -1 rows get ones and exactly zero grad_h."""
+    h, p, wd, wu, bu = make_inputs(5, 4, 24, 6, 11, torch.float32, k=3)
+    ids = torch.tensor([2, -1, 1, -1, 2])
+    g = torch.randn(5, 11)
+
+    def run(w0):
+        ws = []
+        for w in (wd, wu, bu):
+            w = w.detach().clone()
+            w[0] = w0
+            ws.append(w.requires_grad_())
+        out = rk.gathered_para_vector_gen(h, p, *ws, ids, backend=backend)
+        return out, torch.autograd.grad(out, (h, *ws), g)
+
+    clean_out, clean_grads = run(0.0)
+    out, grads = run(poison)
+    assert torch.equal(out, clean_out) and torch.equal(out[ids < 0], torch.ones(2, 11))
+    for got, want in zip(grads, clean_grads):
+        assert torch.equal(got, want)
+    assert not grads[0][ids < 0].any() and bool(grads[0].isfinite().all())
+
+
+@pytest.mark.parametrize("batch", [0, 3])
+def test_reference_without_tenant_rows_is_differentiable(batch):
+    """The eager reference with no row on a generator (every id -1, or an empty batch) still
+    joins the graph: backward runs and every gradient is zero, shaped like its input."""
+    h, p, wd, wu, bu = make_inputs(batch, 4, 8, 3, 5, torch.float32, k=2)
+    out = rk.gathered_para_vector_gen_reference(h, p, wd, wu, bu, torch.full((batch,), -1))
+    assert torch.equal(out, torch.ones(batch, 5))
+    (out * torch.randn(batch, 5)).sum().backward()
+    for t in (h, wd, wu, bu):
+        assert t.grad is not None and torch.equal(t.grad, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_single_tenant_bank(backend):
     _check(backend, 4, 6, 33, 12, 50, 1, [0, -1, 0, 0])
 
@@ -67,6 +118,24 @@ def test_dtypes(backend, dtype, mixed):
     if not mixed and dtype in (torch.float32, torch.float64):
         pytest.skip("same as mixed for fp32/fp64")
     _check(backend, 6, 5, 64, 12, 96, 3, [1, 0, -1, 1, 2, 1], dtype, None if mixed else dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "dtype,wdtype",
+    [
+        (torch.float64, torch.bfloat16),
+        (torch.bfloat16, torch.float64),
+        (torch.float64, torch.float16),
+        (torch.float16, torch.float64),
+        (torch.float16, torch.bfloat16),
+        (torch.float32, torch.float64),
+    ],
+    ids=str,
+)
+def test_dtype_mixes(backend, dtype, wdtype):
+    """Activations and weights of different dtypes, fp64 with a 16-bit type either way included."""
+    _check(backend, 6, 5, 40, 6, 30, 3, [1, 0, -1, 1, 2, 1], dtype, wdtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

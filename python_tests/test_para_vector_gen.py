@@ -42,6 +42,15 @@ def test_fp64_weights_on_fp32_h(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hdtype", DTYPES, ids=str)
+@pytest.mark.parametrize("wdtype", DTYPES, ids=str)
+def test_every_dtype_mix(backend, hdtype, wdtype):
+    """Every (h, weights) dtype pair the API accepts, fp64 with bf16/fp16 either way included (the
+    Triton kernels once converted fp64 <-> bf16 directly: NaN outputs and zero gradients)."""
+    check_against_reference(backend, *make_inputs(3, 4, 33, 5, 17, hdtype, wdtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_activations(backend, activation):
     # Larger bottleneck values so relu's kink and the tails of gelu/silu are all exercised.

@@ -80,8 +80,13 @@ def gathered_para_vector_gen_reference(
 ) -> Tensor:
     """Eager, differentiable ground truth of the multi-tenant generator: a loop over the tenants
     present in the batch, each running :func:`para_vector_gen_reference` on its rows; rows of
-    tenant -1 get ones."""
-    out = torch.ones(h.shape[0], w_up.shape[-1], dtype=w_up.dtype, device=h.device)
+    tenant -1 get ones and read no weights (K may be 0).
+
+    The ones start out joined to the graph through an empty slice of every input (a sum of no
+    elements: exactly 0, and no arithmetic on any value, so an inf weight cannot leak a NaN), so
+    backward works and gives zero gradients even when no row has a tenant or the batch is empty."""
+    anchor = sum(t[..., :0].sum().to(w_up.dtype) for t in (h, w_down, w_up, b_up))
+    out = torch.ones(h.shape[0], w_up.shape[-1], dtype=w_up.dtype, device=h.device) + anchor
     for k in tenant_ids.unique().tolist():
         if k < 0:
             continue
@@ -201,35 +206,36 @@ def _fwd_reference(h, pool_index, wd, wu, bu, tenant_ids, act):
 
 def _bwd_reference(grad_out, h, pool_index, wd, wu, bu, tenant_ids, act, need_h, need_w):
     # The backward formulas in eager PyTorch (autograd does not run inside a custom op). The tests
-    # check them against autograd through the references above.
+    # check them against autograd through the references above. Only rows with a tenant enter:
+    # a tenant -1 row reads no weights and keeps zero gradients.
     name = _act_name(act)
     wd, wu, bu = _gathered_form(wd, wu, bu, tenant_ids)
     acc = _acc(h, wu)
     batch = h.shape[0]
     ids = tenant_ids if tenant_ids is not None else torch.zeros(batch, dtype=torch.int64, device=h.device)
-    valid = ids >= 0
-    kk = ids.clamp(min=0)
-    pooled = h[torch.arange(batch, device=h.device), pool_index].to(acc)
-    wd_rows = wd[kk].to(acc)  # [B, d, r]
-    z = torch.einsum("bd,bdr->br", pooled, wd_rows)
-    a = apply_activation(z, name)
-    g = grad_out.to(acc) * valid[:, None].to(acc)
-    gz = torch.einsum("bn,brn->br", g, wu[kk].to(acc)) * activation_grad(z, name)
+    rows = (ids >= 0).nonzero().squeeze(1)
+    kk, pos = ids[rows], pool_index[rows]
+    pooled = h[rows, pos].to(acc)  # [M, d]
+    wd_rows = wd[kk].to(acc)  # [M, d, r]
+    z = torch.einsum("md,mdr->mr", pooled, wd_rows)
+    g = grad_out[rows].to(acc)
+    gz = torch.einsum("mn,mrn->mr", g, wu[kk].to(acc)) * activation_grad(z, name)
     gh = h.new_empty(0)
     if need_h:
         gh_acc = torch.zeros(h.shape, dtype=acc, device=h.device)
-        gh_acc[torch.arange(batch, device=h.device), pool_index] = torch.einsum("br,bdr->bd", gz, wd_rows)
+        gh_acc[rows, pos] = torch.einsum("mr,mdr->md", gz, wd_rows)
         gh = gh_acc.to(h.dtype)
     if not need_w:
         return gh, wu.new_empty(0), wu.new_empty(0), wu.new_empty(0)
+    a = apply_activation(z, name)
     gwd = torch.zeros(wd.shape, dtype=acc, device=h.device)
     gwu = torch.zeros(wu.shape, dtype=acc, device=h.device)
     gbu = torch.zeros(bu.shape, dtype=acc, device=h.device)
-    for k in ids[valid].unique().tolist():
-        rows = (ids == k).nonzero().squeeze(1)
-        gwd[k] = pooled[rows].T @ gz[rows]
-        gwu[k] = a[rows].T @ g[rows]
-        gbu[k] = g[rows].sum(0)
+    for k in kk.unique().tolist():
+        sel = (kk == k).nonzero().squeeze(1)
+        gwd[k] = pooled[sel].T @ gz[sel]
+        gwu[k] = a[sel].T @ g[sel]
+        gbu[k] = g[sel].sum(0)
     return gh, gwd.to(wd.dtype), gwu.to(wu.dtype), gbu.to(bu.dtype)
 
 

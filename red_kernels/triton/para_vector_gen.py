@@ -6,6 +6,9 @@ the plain op, K = 1; the caller adds the leading dim), the
 output and the weight gradients in the weights' dtype, grad_h in h's dtype, a gradient that is not
 needed comes back empty. Arithmetic in fp32 (fp64 when h or the weights are fp64); values are
 converted right after loading, which also keeps the interpreter's bf16 arithmetic out of the way.
+fp16/bf16 values meet fp64 only through fp32 (``_to_acc``, ``_for_store``), so every dtype mix works.
+Rows of tenant -1 mask every load of a weight: they read no generator (K may be 0), write ones
+and keep a zero grad_h.
 r <= 64 is small, so the projections are broadcast products reduced with ``tl.sum`` (``tl.dot``
 needs dims >= 16).
 
@@ -31,27 +34,48 @@ from red_kernels.triton._activations import act_backward, act_forward
 
 @triton.jit
 def _to_acc(x, FP64: tl.constexpr):
+    """A loaded value in the accumulation dtype. fp16/bf16 reach fp64 through fp32 (exact): a direct
+    16-bit <-> fp64 conversion gives garbage under the interpreter and is not lowered everywhere."""
     if FP64:
-        y = x.to(tl.float64)
+        if x.dtype.is_fp16() or x.dtype.is_bf16():
+            y = x.to(tl.float32).to(tl.float64)
+        else:
+            y = x.to(tl.float64)
     else:
         y = x.to(tl.float32)
     return y
 
 
 @triton.jit
-def _tenant(tid_ptr, b, HAS_TENANTS: tl.constexpr):
-    if HAS_TENANTS:
-        k = tl.load(tid_ptr + b)
+def _for_store(y, ptr):
+    """An accumulator in ``ptr``'s element dtype; fp64 narrows to fp16/bf16 through fp32, as above."""
+    ty = ptr.dtype.element_ty
+    if ty.is_fp16() or ty.is_bf16():
+        out = y.to(tl.float32).to(ty)
     else:
-        k = tl.full((), 0, tl.int64)
-    return k
+        out = y.to(ty)
+    return out
+
+
+@triton.jit
+def _tenant(tid_ptr, b, HAS_TENANTS: tl.constexpr):
+    """(k, live) for row b: its tenant (clamped to 0 so pointer arithmetic stays in range) and
+    whether it has one. Every weight load of a row is masked by ``live``: a tenant -1 row reads no
+    generator at all (there may be none, K = 0, and tenant 0's weights may hold anything)."""
+    if HAS_TENANTS:
+        k_raw = tl.load(tid_ptr + b)
+    else:
+        k_raw = tl.full((), 0, tl.int64)
+    return tl.maximum(k_raw, 0), k_raw >= 0
 
 
 @triton.jit
 def _bottleneck(
-    h_ptr, pidx_ptr, wd_ptr, b, k, D, R, s_b, s_t, s_d, FP64: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr
-):
-    """z = h[b, pool_index[b]] @ w_down[k] ([BLOCK_R], zero past R)."""
+    h_ptr, pidx_ptr, wd_ptr, b, k, live, D, R, s_b, s_t, s_d,
+    FP64: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """z = h[b, pool_index[b]] @ w_down[k] ([BLOCK_R], zero past R). A row that is not ``live``
+    (tenant -1) loads nothing and gets z = 0."""
     rr = tl.arange(0, BLOCK_R)
     rmask = rr < R
     p = tl.load(pidx_ptr + b)
@@ -60,7 +84,7 @@ def _bottleneck(
     z = _to_acc(tl.zeros([BLOCK_R], dtype=tl.float32), FP64)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < D
+        dmask = (dd < D) & live
         x = _to_acc(tl.load(row + dd.to(tl.int64) * s_d, mask=dmask, other=0.0), FP64)
         w = tl.load(wd + dd.to(tl.int64)[:, None] * R + rr[None, :], mask=dmask[:, None] & rmask[None, :], other=0.0)
         z += tl.sum(x[:, None] * _to_acc(w, FP64), axis=0)
@@ -75,22 +99,22 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
-    k_raw = _tenant(tid_ptr, b, HAS_TENANTS)
-    k = tl.maximum(k_raw, 0)  # tenant -1 computes tenant 0's vector and discards it (no branch)
+    k, live = _tenant(tid_ptr, b, HAS_TENANTS)
     rr = tl.arange(0, BLOCK_R)
     rmask = rr < R
-    z = _bottleneck(h_ptr, pidx_ptr, wd_ptr, b, k, D, R, s_b, s_t, s_d, FP64, BLOCK_D, BLOCK_R)
-    a = tl.where(rmask, act_forward(z, ACT), 0.0)
+    wmask = rmask & live
+    z = _bottleneck(h_ptr, pidx_ptr, wd_ptr, b, k, live, D, R, s_b, s_t, s_d, FP64, BLOCK_D, BLOCK_R)
+    a = tl.where(wmask, act_forward(z, ACT), 0.0)
     wu = wu_ptr + k * R * N
     c_start = tl.program_id(1) * cols_per_prog
     for c0 in range(c_start, c_start + cols_per_prog, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        w = tl.load(wu + rr[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        bias = _to_acc(tl.load(bu_ptr + k * N + cols, mask=cmask, other=0.0), FP64)
+        w = tl.load(wu + rr[:, None] * N + cols[None, :], mask=wmask[:, None] & cmask[None, :], other=0.0)
+        bias = _to_acc(tl.load(bu_ptr + k * N + cols, mask=cmask & live, other=0.0), FP64)
         y = bias + tl.sum(a[:, None] * _to_acc(w, FP64), axis=0)
-        y = tl.where(k_raw < 0, 1.0, y)
-        tl.store(out_ptr + b.to(tl.int64) * N + cols, y.to(out_ptr.dtype.element_ty), mask=cmask)
+        y = tl.where(live, y, 1.0)
+        tl.store(out_ptr + b.to(tl.int64) * N + cols, _for_store(y, out_ptr), mask=cmask)
 
 
 @triton.jit
@@ -102,37 +126,35 @@ def _bwd_rows_kernel(
 ):  # fmt: skip
     # Row b: a = act(z) and gz = (g @ w_up[k]^T) * act'(z) into [B, R] buffers; grad_h[b, p] row.
     b = tl.program_id(0)
-    k_raw = _tenant(tid_ptr, b, HAS_TENANTS)
-    k = tl.maximum(k_raw, 0)
+    k, live = _tenant(tid_ptr, b, HAS_TENANTS)
     rr = tl.arange(0, BLOCK_R)
-    rmask = rr < R
-    z = _bottleneck(h_ptr, pidx_ptr, wd_ptr, b, k, D, R, s_b, s_t, s_d, FP64, BLOCK_D, BLOCK_R)
+    wmask = (rr < R) & live  # tenant -1: no generator read, zero gradients
+    z = _bottleneck(h_ptr, pidx_ptr, wd_ptr, b, k, live, D, R, s_b, s_t, s_d, FP64, BLOCK_D, BLOCK_R)
     ga = tl.zeros_like(z)
     wu = wu_ptr + k * R * N
     grow = g_ptr + b.to(tl.int64) * N
     for c0 in range(0, N, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
+        cmask = (cols < N) & live
         g = _to_acc(tl.load(grow + cols, mask=cmask, other=0.0), FP64)
-        w = tl.load(wu + rr[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        w = tl.load(wu + rr[:, None] * N + cols[None, :], mask=wmask[:, None] & cmask[None, :], other=0.0)
         ga += tl.sum(_to_acc(w, FP64) * g[None, :], axis=1)
-    live = rmask & (k_raw >= 0)  # tenant -1: no generator, zero gradients
-    a = tl.where(live, act_forward(z, ACT), 0.0)
-    gz = tl.where(live, ga * act_backward(z, ACT), 0.0)
-    tl.store(a_ptr + b * R + rr, a, mask=rmask)
-    tl.store(gz_ptr + b * R + rr, gz, mask=rmask)
-    if NEED_H:
+    a = tl.where(wmask, act_forward(z, ACT), 0.0)
+    gz = tl.where(wmask, ga * act_backward(z, ACT), 0.0)
+    tl.store(a_ptr + b * R + rr, a, mask=rr < R)
+    tl.store(gz_ptr + b * R + rr, gz, mask=rr < R)
+    if NEED_H:  # grad_h is zeroed: a tenant -1 row keeps its zeros
         p = tl.load(pidx_ptr + b)
         dst = gh_ptr + (b.to(tl.int64) * T + p) * D
         wd = wd_ptr + k * D * R
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
-            dmask = dd < D
+            dmask = (dd < D) & live
             w = tl.load(
-                wd + dd.to(tl.int64)[:, None] * R + rr[None, :], mask=dmask[:, None] & rmask[None, :], other=0.0
+                wd + dd.to(tl.int64)[:, None] * R + rr[None, :], mask=dmask[:, None] & wmask[None, :], other=0.0
             )
             gp = tl.sum(_to_acc(w, FP64) * gz[None, :], axis=1)
-            tl.store(dst + dd, gp.to(gh_ptr.dtype.element_ty), mask=dmask)
+            tl.store(dst + dd, _for_store(gp, gh_ptr), mask=dmask)
 
 
 @triton.jit
@@ -157,8 +179,8 @@ def _bwd_w_up_kernel(
         acc += a[:, None] * g[None, :]
         accb += g
     out = gwu_ptr + k.to(tl.int64) * R * N + rr[:, None] * N + cols[None, :]
-    tl.store(out, acc.to(gwu_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
-    tl.store(gbu_ptr + k.to(tl.int64) * N + cols, accb.to(gbu_ptr.dtype.element_ty), mask=cmask)
+    tl.store(out, _for_store(acc, gwu_ptr), mask=rmask[:, None] & cmask[None, :])
+    tl.store(gbu_ptr + k.to(tl.int64) * N + cols, _for_store(accb, gbu_ptr), mask=cmask)
 
 
 @triton.jit
@@ -182,7 +204,7 @@ def _bwd_w_down_kernel(
         gz = tl.load(gz_ptr + row * R + rr, mask=rmask, other=0.0)
         acc += _to_acc(x, FP64)[:, None] * gz[None, :]
     out = gwd_ptr + k.to(tl.int64) * D * R + dd.to(tl.int64)[:, None] * R + rr[None, :]
-    tl.store(out, acc.to(gwd_ptr.dtype.element_ty), mask=dmask[:, None] & rmask[None, :])
+    tl.store(out, _for_store(acc, gwd_ptr), mask=dmask[:, None] & rmask[None, :])
 
 
 def _acc_is_fp64(h: Tensor, w: Tensor) -> bool:
@@ -269,7 +291,7 @@ def para_vector_gen_bwd(
         HAS_TENANTS=tenant_ids is not None, ACT=act, FP64=fp64, NEED_H=need_h,
         BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=br,
     )  # fmt: skip
-    if need_w:
+    if need_w and k_count > 0:  # K = 0: no generator, nothing to sum
         rows, offsets = segments(tenant_ids, batch, k_count, dev)
         _bwd_w_up_kernel[(k_count, triton.cdiv(n, bn))](
             g, a_buf, rows, offsets, gwu, gbu, n, r, FP64=fp64, BLOCK_N=bn, BLOCK_R=br
