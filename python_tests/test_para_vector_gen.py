@@ -230,10 +230,39 @@ def test_bad_inputs(backend):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_rank_limit_of_kernels(backend):
+    """An explicit kernel backend cannot run a rank above 64: a RuntimeError naming the op, the
+    argument and the limit, whichever way the backend was chosen."""
     h, p, wd, wu, bu = (t.detach() for t in make_inputs(2, 3, 8, 65, 6, torch.float32))
-    with pytest.raises(ValueError, match="w_down"):
+    with pytest.raises(RuntimeError, match=r"red_kernels\.para_vector_gen: .*'w_down' of rank 65.*1\.\.64"):
         rk.para_vector_gen(h, p, wd, wu, bu, backend=backend)
+    with pytest.raises(RuntimeError, match=r"red_kernels\.gathered_para_vector_gen: .*rank 65"):
+        rk.gathered_para_vector_gen(
+            h, p, wd[None], wu[None], bu[None], torch.zeros(2, dtype=torch.int64), backend=backend
+        )
+    with rk.use_backend(backend), pytest.raises(RuntimeError, match="rank 65"):
+        rk.para_vector_gen(h, p, wd, wu, bu)
     rk.para_vector_gen(h, p, wd, wu, bu, backend="reference")  # the reference has no limit
+
+
+@pytest.mark.parametrize("backend", [None, "auto"])
+def test_automatic_choice_runs_any_rank(backend):
+    """Automatic selection falls back to a backend that runs the rank (the reference) instead of
+    picking a kernel backend that would refuse it; forward and gradients match the reference."""
+    check_against_reference(backend, *make_inputs(3, 4, 16, 100, 9, torch.float32))
+    h, p, wd, wu, bu = make_inputs(3, 4, 16, 65, 9, torch.float32, k=2)
+    check_against_reference(backend, h, p, wd, wu, bu, "gelu", torch.tensor([1, -1, 0]))
+
+
+def test_module_with_a_rank_above_the_kernels():
+    """PARAVectorGenerator(rank=100) trains under automatic backend selection."""
+    gen = rk.nn.PARAVectorGenerator(16, (4, 6), rank=100)
+    with torch.no_grad():
+        gen.w_up.normal_()
+    h = torch.randn(2, 5, 16, requires_grad=True)
+    a, b = gen(h, torch.tensor([4, 1]))
+    assert a.shape == (2, 4) and b.shape == (2, 6)
+    (a.sum() + b.square().sum()).backward()
+    assert gen.w_down.grad.abs().sum() > 0 and h.grad.abs().sum() > 0
 
 
 def test_cpp_checks_name_the_argument():

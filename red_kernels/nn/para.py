@@ -23,7 +23,8 @@ class PARAVectorGenerator(nn.Module):
     Args:
         d_model: hidden size of the layer input ``h``.
         out_sizes: widths of the vectors, e.g. ``(n_q, n_v, n_ffn)`` for ``l_q, l_v, l_u``.
-        rank: bottleneck width r (12 in the paper; the kernels support 1..64).
+        rank: bottleneck width r (12 in the paper). The kernel backends run 1..64; automatic
+            backend selection runs a larger rank on the reference backend.
         activation: ``"gelu"`` (default), ``"gelu_tanh"``, ``"relu"`` or ``"silu"``.
         backend: optional backend for every call (None: automatic / context / environment).
         device, dtype: of the parameters.
@@ -46,12 +47,15 @@ class PARAVectorGenerator(nn.Module):
         super().__init__()
         sizes = tuple(int(s) for s in out_sizes)
         if d_model < 1:
-            raise ValueError(f"PARAVectorGenerator: d_model must be >= 1, got {d_model}")
+            raise ValueError(f"red_kernels.nn.PARAVectorGenerator: argument 'd_model' must be >= 1, got {d_model}")
         if not sizes or any(s < 1 for s in sizes):
-            raise ValueError(f"PARAVectorGenerator: out_sizes must be positive widths, got {list(out_sizes)}")
+            raise ValueError(
+                "red_kernels.nn.PARAVectorGenerator: argument 'out_sizes' must be positive widths, "
+                f"got {list(out_sizes)}"
+            )
         if rank < 1:
-            raise ValueError(f"PARAVectorGenerator: rank must be >= 1, got {rank}")
-        activation_code(activation, "PARAVectorGenerator")
+            raise ValueError(f"red_kernels.nn.PARAVectorGenerator: argument 'rank' must be >= 1, got {rank}")
+        activation_code(activation, "nn.PARAVectorGenerator")
         self.d_model, self.out_sizes, self.rank, self.activation, self.backend = (
             d_model,
             sizes,

@@ -4,8 +4,9 @@ activation, up projection, bias) forward and backward.
     pooled[b] = h[b, pool_index[b]]                                   [B, d]
     out       = act(pooled @ w_down) @ w_up + b_up                    [B, n_out]
 
-Shapes: h [B, T, d] (any strides), pool_index [B] int64 in [0, T), w_down [d, r] (1 <= r <= 64 on
-the kernel backends), w_up [r, n_out], b_up [n_out].
+Shapes: h [B, T, d] (any strides), pool_index [B] int64 in [0, T), w_down [d, r], w_up [r, n_out],
+b_up [n_out]. The kernel backends run 1 <= r <= 64; automatic selection takes the reference for a
+larger rank, an explicit kernel backend raises.
 
 Dtype rule (shared with :mod:`red_kernels.ops.gathered_para_vector_gen`): the three weights share
 one dtype W, which may differ from h's dtype (fp32 generator weights on bf16/fp16 activations,
@@ -46,7 +47,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from red_kernels._backend import requested_backend, resolve, when_extension_loads
+from red_kernels._backend import AUTO, requested_backend, resolve, when_extension_loads
 from red_kernels.ops._activations import ACTIVATIONS, activation_code, activation_grad, apply_activation
 from red_kernels.ops._common import EXT_BACKENDS, check_floating, check_same_device, goes_straight_to_ext, index_bounds
 
@@ -271,14 +272,26 @@ def _op_name(tenant_ids: Tensor | None) -> str:
     return OP if tenant_ids is None else "gathered_para_vector_gen"
 
 
-def _resolve(backend: str, h: Tensor, w_down: Tensor, tenant_ids: Tensor | None) -> str:
-    name = resolve(backend, h.device, _op_name(tenant_ids), IMPLEMENTED)
-    if name == "triton" and w_down.shape[-1] > MAX_RANK:  # the compiled ops check this themselves
-        raise ValueError(
-            f"red_kernels.{_op_name(tenant_ids)}: argument 'w_down' has rank {w_down.shape[-1]}; the triton "
-            f"kernels support 1..{MAX_RANK} (use backend='reference' for larger ranks)"
+def _implemented(backend: str, w_down: Tensor, op: str) -> tuple[str, ...]:
+    """The backends that can run a generator of ``w_down``'s rank: every backend up to
+    ``MAX_RANK`` (the kernels size their per-thread accumulators by it), only the reference
+    beyond. So the automatic choice falls back to the reference for a large rank, and an explicit
+    choice of a kernel backend raises, naming the reason. A rank below 1 is bad input, left to the
+    argument checks."""
+    rank = w_down.shape[-1] if isinstance(w_down, Tensor) and w_down.dim() > 0 else 0
+    if rank <= MAX_RANK:
+        return IMPLEMENTED
+    if backend not in (AUTO, "reference"):
+        raise RuntimeError(
+            f"red_kernels.{op}: backend {backend!r} cannot run argument 'w_down' of rank {rank}: its kernels "
+            f"support ranks 1..{MAX_RANK} (backend='reference' or automatic selection runs any rank)"
         )
-    return name
+    return ("reference",)
+
+
+def _resolve(backend: str, h: Tensor, w_down: Tensor, tenant_ids: Tensor | None) -> str:
+    op = _op_name(tenant_ids)
+    return resolve(backend, h.device, op, _implemented(backend, w_down, op))
 
 
 # --- custom ops --------------------------------------------------------------------------------
@@ -300,7 +313,7 @@ def _para_op(
     # message names the argument too); checking here as well would cost a second GPU sync.
     if name not in EXT_BACKENDS:
         check_args(h, pool_index, w_down, w_up, b_up, tenant_ids, activation)
-    return _FWD[name](h, pool_index, w_down, w_up, b_up, tenant_ids, activation_code(activation, OP))
+    return _FWD[name](h, pool_index, w_down, w_up, b_up, tenant_ids, activation_code(activation, _op_name(tenant_ids)))
 
 
 @_para_op.register_fake
@@ -325,7 +338,16 @@ def _para_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     name = _resolve(backend, h, w_down, tenant_ids)
     gh, gwd, gwu, gbu = _BWD[name](
-        grad_out, h, pool_index, w_down, w_up, b_up, tenant_ids, activation_code(activation, OP), need_h, need_w
+        grad_out,
+        h,
+        pool_index,
+        w_down,
+        w_up,
+        b_up,
+        tenant_ids,
+        activation_code(activation, _op_name(tenant_ids)),
+        need_h,
+        need_w,
     )
     if need_w:  # back to the caller's (plain: 2-D/1-D) weight shapes
         gwd, gwu, gbu = gwd.view(w_down.shape), gwu.view(w_up.shape), gbu.view(b_up.shape)
@@ -407,7 +429,7 @@ def call_para_op(h, pool_index, w_down, w_up, b_up, tenant_ids, activation: str,
     backends, the call goes through the custom op ``red_kernels::para_vector_gen``, which resolves
     the backend when the graph runs."""
     op = _op_name(tenant_ids)
-    if goes_straight_to_ext(backend, h, op, IMPLEMENTED):
+    if goes_straight_to_ext(backend, h, op, _implemented(backend, w_down, op)):
         code = activation_code(activation, op)
         return torch.ops.red_kernels_C.para_vector_gen(h, pool_index, w_down, w_up, b_up, tenant_ids, code)
     return _para_op(h, pool_index, w_down, w_up, b_up, tenant_ids, activation, backend)
