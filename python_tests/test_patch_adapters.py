@@ -47,7 +47,9 @@ def test_round_trip(tmp_path, name, method):
     rk.save_adapter(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
     tensors = load_file(tmp_path / "adapter.safetensors")
-    assert set(tensors) == {n for n, p in model.named_parameters() if p.requires_grad}
+    # The file's keys are the parameter names without the adapter's name.
+    trained = {n.replace(".default.", ".") for n, p in model.named_parameters() if p.requires_grad}
+    assert set(tensors) == trained
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     assert meta["method"] == method and meta["targets"] == rk.patch.patch_state(model).targets
 
@@ -58,7 +60,7 @@ def test_round_trip(tmp_path, name, method):
     assert state.method == method and state.architecture == meta["architecture"]
     with torch.no_grad():
         assert torch.equal(logits(fresh, inputs), ref)
-    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == set(tensors)
+    assert {n.replace(".default.", ".") for n, p in fresh.named_parameters() if p.requires_grad} == set(tensors)
 
 
 def test_trainable_head_is_saved_and_reported(tmp_path):
@@ -91,18 +93,20 @@ def test_tied_trainable_weights_save(tmp_path):
     assert "lm_head.weight" in load_file(tmp_path / "adapter.safetensors")
 
 
-def test_load_into_a_model_patched_the_same_way_switches_adapters(tmp_path):
+def test_load_into_a_patched_model_adds_a_named_adapter(tmp_path):
     a = _trained("gpt2", "red")
-    rk.save_adapter(a, tmp_path)
+    rk.save_adapter(a, tmp_path / "tenant_a")
     b = TINY["gpt2"]()
-    rk.patch_model(b, "red")
-    rk.load_adapter(b, tmp_path)
-    ka = {k: v for k, v in a.state_dict().items() if ".red_edit." in k}
-    assert all(torch.equal(b.state_dict()[k], v) for k, v in ka.items())
-    c = TINY["gpt2"]()
-    rk.patch_model(c, "red+")
-    with pytest.raises(ValueError, match="already patched differently"):
-        rk.load_adapter(c, tmp_path)
+    rk.patch_model(b, "red+")
+    rk.load_adapter(b, tmp_path / "tenant_a")  # named after its directory, frozen and inactive
+    assert rk.adapter_names(b) == ["default", "tenant_a"]
+    ka = {k.replace(".default.", ".tenant_a."): v for k, v in a.state_dict().items() if ".red_edit." in k}
+    sd = b.state_dict()
+    assert ka and all(torch.equal(sd[k], v) for k, v in ka.items())
+    assert not any(p.requires_grad for p in rk.adapter_parameters(b, "tenant_a").values())
+    with pytest.raises(ValueError, match="already has an adapter named 'tenant_a'"):
+        rk.load_adapter(b, tmp_path / "tenant_a")
+    assert rk.adapter_names(b) == ["default", "tenant_a"]
 
 
 def test_load_then_merge(tmp_path):
@@ -124,7 +128,7 @@ def test_vector_dtype_round_trips(tmp_path):
     rk.save_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["dtype"] == "bfloat16"
     fresh = rk.load_adapter(TINY["llama"](), tmp_path)
-    assert fresh.model.layers[0].mlp.down_proj.red_edit.scale.dtype == torch.bfloat16
+    assert fresh.model.layers[0].mlp.down_proj.red_edit["default"].scale.dtype == torch.bfloat16
 
 
 def test_wrong_architecture_is_refused_untouched(tmp_path):

@@ -51,7 +51,7 @@ def test_merge_conv1d_scales_columns():
     conv = model.transformer.h[0].mlp.c_proj
     w, b = conv.weight.detach().clone(), conv.bias.detach().clone()
     randomize_edits(model)
-    s, c = conv.red_edit.scale.detach().clone(), conv.red_edit.bias.detach().clone()
+    s, c = conv.red_edit["default"].scale.detach().clone(), conv.red_edit["default"].bias.detach().clone()
     rk.merge_model(model)
     assert conv.weight.shape == w.shape  # [in, out]
     torch.testing.assert_close(conv.weight, w * s[None, :], rtol=0, atol=0)
@@ -66,7 +66,7 @@ def test_merge_linear_without_bias_gets_one():
     x = torch.randn(4, 5)
     with torch.no_grad():
         ref = holder(x)
-    s, c = lin.red_edit.scale.detach().clone(), lin.red_edit.bias.detach().clone()
+    s, c = lin.red_edit["default"].scale.detach().clone(), lin.red_edit["default"].bias.detach().clone()
     w = lin.weight.detach().clone()
     rk.merge_model(holder)
     assert isinstance(lin.bias, nn.Parameter) and lin.bias.requires_grad  # like the restored weight
@@ -150,4 +150,4 @@ def test_merge_refuses_non_float_weights_and_leaves_the_patch():
     holder[0].weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)  # "quantized"
     with pytest.raises(ValueError, match="cannot fold"):
         rk.merge_model(holder)
-    assert rk.patch.patch_state(holder) is not None and isinstance(holder[0].red_edit, rk.nn.REDEdit)
+    assert rk.patch.patch_state(holder) is not None and isinstance(holder[0].red_edit["default"], rk.nn.REDEdit)

@@ -72,10 +72,10 @@ def test_default_targets_freeze_and_identity_at_step_0(name, method):
     # Only the edit vectors train, and there are two per target of the target's output width.
     modules = dict(model.named_modules())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{t}.red_edit.{v}" for t in expected for v in ("scale", "bias")}
+    assert trainable == {f"{t}.red_edit.default.{v}" for t in expected for v in ("scale", "bias")}
     assert rk.trainable_parameters(model).edit == 2 * sum(state.dims[t] for t in expected)
     for t in expected:
-        assert isinstance(modules[t].red_edit, rk.nn.REDEdit)
+        assert isinstance(modules[t].red_edit["default"], rk.nn.REDEdit)
     with torch.no_grad():
         after = logits(model, inputs)
     assert torch.equal(before, after)  # exactly: scale 1 and bias 0 are exact in fp32
@@ -85,8 +85,8 @@ def test_gpt2_c_attn_gets_one_vector_of_3d():
     model = TINY["gpt2"]()
     rk.patch_model(model, "red+")
     d = model.config.n_embd
-    assert model.transformer.h[0].attn.c_attn.red_edit.scale.shape == (3 * d,)
-    assert model.transformer.h[0].attn.c_proj.red_edit.scale.shape == (d,)
+    assert model.transformer.h[0].attn.c_attn.red_edit["default"].scale.shape == (3 * d,)
+    assert model.transformer.h[0].attn.c_proj.red_edit["default"].scale.shape == (d,)
 
 
 def test_llama_gqa_kv_vectors_have_kv_width():
@@ -94,8 +94,12 @@ def test_llama_gqa_kv_vectors_have_kv_width():
     rk.patch_model(model, "red+")
     attn = model.model.layers[0].self_attn
     head_dim = model.config.hidden_size // model.config.num_attention_heads
-    assert attn.k_proj.red_edit.dim == attn.v_proj.red_edit.dim == model.config.num_key_value_heads * head_dim
-    assert attn.q_proj.red_edit.dim == model.config.hidden_size
+    assert (
+        attn.k_proj.red_edit["default"].dim
+        == attn.v_proj.red_edit["default"].dim
+        == model.config.num_key_value_heads * head_dim
+    )
+    assert attn.q_proj.red_edit["default"].dim == model.config.hidden_size
 
 
 def test_roberta_ffn_edit_sits_before_dropout_and_layernorm():
@@ -110,7 +114,7 @@ def test_roberta_ffn_edit_sits_before_dropout_and_layernorm():
     x = torch.randn(1, 3, 64)
     res = torch.randn(1, 3, 32)
     with torch.no_grad():
-        layer.output.dense.red_edit.bias.fill_(5.0)
+        layer.output.dense.red_edit["default"].bias.fill_(5.0)
         out = layer.output(x, res)
         ref = layer.output.LayerNorm(layer.output.dense(x) + res)  # dense(x) already includes the edit
     assert torch.allclose(
@@ -152,10 +156,8 @@ def test_patching_twice_raises():
         rk.merge_model(model)
 
 
-def test_unknown_and_para_methods():
+def test_unknown_method():
     model = TINY["gpt2"]()
-    with pytest.raises(ValueError, match="not implemented"):
-        rk.patch_model(model, "para")
     with pytest.raises(ValueError, match="method"):
         rk.patch_model(model, "lora")
     assert rk.patch.patch_state(model) is None
@@ -203,7 +205,7 @@ def test_custom_targets_and_trainable_head():
     assert counts.trainable == counts.edit + counts.modules
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"head.weight", "head.bias"} | {
-        f"blocks.{i}.2.red_edit.{v}" for i in (0, 1) for v in ("scale", "bias")
+        f"blocks.{i}.2.red_edit.default.{v}" for i in (0, 1) for v in ("scale", "bias")
     }
     rk.unpatch_model(model)
     rk.patch_model(model, "red", targets=[r"re:blocks\.1\.0"])
@@ -269,7 +271,7 @@ def test_state_dict_keys_sit_beside_the_target():
     keys = list(model.state_dict())
     new = [k for k in keys if k not in base_keys]
     assert new and all(
-        re.fullmatch(r"(encoder|decoder)\.block\.\d\.layer\.\d\.DenseReluDense\.wo\.red_edit\.(scale|bias)", k)
+        re.fullmatch(r"(encoder|decoder)\.block\.\d\.layer\.\d\.DenseReluDense\.wo\.red_edit\.default\.(scale|bias)", k)
         for k in new
     )
     assert [k for k in keys if k in base_keys] == base_keys

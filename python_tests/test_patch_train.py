@@ -130,7 +130,7 @@ def test_bf16_model_with_fp32_vectors_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
-    assert model.model.layers[0].mlp.down_proj.red_edit.scale.grad.dtype == torch.float32
+    assert model.model.layers[0].mlp.down_proj.red_edit["default"].scale.grad.dtype == torch.float32
 
 
 def test_torch_compile_of_a_patched_model():
@@ -144,9 +144,11 @@ def test_torch_compile_of_a_patched_model():
     out = compiled(**inputs)
     torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
     out.loss.backward()
-    eager_grads = torch.autograd.grad(model(**inputs).loss, [model.model.layers[0].mlp.down_proj.red_edit.scale])
+    eager_grads = torch.autograd.grad(
+        model(**inputs).loss, [model.model.layers[0].mlp.down_proj.red_edit["default"].scale]
+    )
     torch.testing.assert_close(
-        model.model.layers[0].mlp.down_proj.red_edit.scale.grad, eager_grads[0], rtol=1e-5, atol=1e-6
+        model.model.layers[0].mlp.down_proj.red_edit["default"].scale.grad, eager_grads[0], rtol=1e-5, atol=1e-6
     )
 
 

@@ -20,13 +20,32 @@ from red_kernels.ops import (
     seq_scale,
     seq_scale_reference,
 )
-from red_kernels.patch import merge_model, patch_model, trainable_parameters, unpatch_model
+from red_kernels.patch import (
+    adapter_names,
+    adapter_parameters,
+    delete_adapter,
+    disable_adapter,
+    merge_model,
+    patch_model,
+    prompt_lengths,
+    set_adapter,
+    tenants,
+    trainable_parameters,
+    unpatch_model,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendInfo",
     "__version__",
+    "adapter_names",
+    "adapter_parameters",
+    "delete_adapter",
+    "disable_adapter",
+    "prompt_lengths",
+    "set_adapter",
+    "tenants",
     "backend_info",
     "backends",
     "gathered_para_vector_gen",

@@ -1,31 +1,35 @@
-"""RED adapters on disk: ``adapter.safetensors`` (the vectors, no pickle) + ``adapter_config.json``.
+"""Adapters on disk: ``adapter.safetensors`` (the tensors, no pickle) + ``adapter_config.json``.
 
-Tensor keys are the patched model's parameter names: ``<target>.red_edit.scale`` /
-``<target>.red_edit.bias`` for every edited module, and ``<module>.<param>`` for modules kept
-trainable with ``patch_model(..., trainable=...)``. The JSON records the method, the architecture
-table used, the model type and class, the exact target names with their widths, the vector dtype,
-the trainable modules and the package version. A LLaMA-2-7B RED adapter is 262,144 fp32 values: 1 MiB.
+Tensor keys are the patched model's parameter names without the adapter's name:
+``<target>.red_edit.scale`` / ``.bias`` (RED), ``<layer>.para_gen.w_down`` / ``.w_up`` / ``.b_up``
+(PARA), and ``<module>.<param>`` for modules kept trainable with ``patch_model(..., trainable=...)``.
+The JSON records the method and its options, the architecture table used, the model type and
+class, the exact target names with their widths, the parameters' dtype, the trainable modules and
+the package version. A LLaMA-2-7B RED adapter is 262,144 fp32 values: 1 MiB.
+
+Every field and tensor is checked before the model changes; a file that fails a check raises
+``ValueError`` naming the file and the field, and leaves the model (and its other adapters) as it was.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 
 import torch
 from torch import nn
 
 from red_kernels.patch.core import (
-    EDITOR_ATTR,
-    PatchState,
-    _require_patched,
-    output_dim,
+    AdapterConfig,
+    install_adapter,
     patch_model,
     patch_state,
-    plan_patch,
-    unpatch_model,
+    plan_adapter,
+    require_patched,
+    uninstall_adapter,
 )
+from red_kernels.patch.methods import BANK_ATTRS, check_adapter_name, file_key, output_dim, para_layout
+from red_kernels.patch.targets import ARCH_BY_NAME, METHODS
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -33,66 +37,92 @@ FORMAT = "red_kernels.adapter"
 FORMAT_VERSION = 1
 
 
-def _editor_keys(state: PatchState) -> list[str]:
-    parts = [p for p, on in (("scale", state.scale), ("bias", state.bias)) if on]
-    return [f"{t}.{EDITOR_ATTR}.{p}" for t in state.targets for p in parts]
-
-
 def _trainable_params(model: nn.Module, modules: list[str]) -> dict[str, nn.Parameter]:
-    """Parameters of the modules kept trainable, by full name (editors excluded)."""
+    """Parameters of the modules kept trainable, by full name (adapter banks excluded)."""
     out = {}
     for m in modules:
         for pname, p in model.get_submodule(m).named_parameters():
-            if EDITOR_ATTR not in pname.split("."):
+            if not set(BANK_ATTRS) & set(pname.split(".")):
                 out[f"{m}.{pname}"] = p
     return out
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What :func:`save_adapter` writes: the edit vectors and the trainable modules' parameters."""
-    state = _require_patched(model, "adapter_state_dict")
-    params = dict(model.named_parameters(remove_duplicate=False))
-    tensors = {k: params[k] for k in _editor_keys(state)}
+def _adapter_tensors(model: nn.Module, name: str, config: AdapterConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for place in config.targets:
+        module = model.get_submodule(place)._modules[config.bank_attr][name]
+        for p in config.param_names(place):
+            out[file_key(config, place, p)] = getattr(module, p)
+    return out
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """What :func:`save_adapter` writes: the adapter's tensors and the trainable modules' parameters."""
+    state = require_patched(model, "adapter_state_dict")
+    name = _name(state, adapter_name, "adapter_state_dict")
+    tensors = _adapter_tensors(model, name, state.adapters[name])
     tensors.update(_trainable_params(model, state.trainable))
     # Own, contiguous CPU copies: safetensors refuses tensors that share storage (tied weights).
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write ``adapter.safetensors`` and ``adapter_config.json`` of a patched model to ``directory``."""
+def _name(state, adapter_name, fn: str) -> str:
+    name = state.active if adapter_name is None else adapter_name
+    if name is None:
+        raise ValueError(f"red_kernels.{fn}: no active adapter; pass adapter_name")
+    if name not in state.adapters:
+        raise ValueError(f"red_kernels.{fn}: unknown adapter {name!r}; the model has {list(state.adapters)}")
+    return name
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Write ``adapter.safetensors`` and ``adapter_config.json`` of one adapter (default: the active
+    one) of a patched model to ``directory``."""
     from safetensors.torch import save_file
 
     from red_kernels import __version__
 
-    state = _require_patched(model, "save_adapter")
-    tensors = adapter_state_dict(model)
-    editor_keys = set(_editor_keys(state))
-    config = getattr(model, "config", None)
+    state = require_patched(model, "save_adapter")
+    name = _name(state, adapter_name, "save_adapter")
+    config = state.adapters[name]
+    tensors = adapter_state_dict(model, name)
+    own = set(config.file_keys())
+    model_config = getattr(model, "config", None)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "red_kernels_version": __version__,
-        "method": state.method,
+        "method": config.method,
         "architecture": state.architecture,
-        "model_type": getattr(config, "model_type", None),
+        "model_type": getattr(model_config, "model_type", None),
         "model_class": type(model).__name__,
-        "targets": state.targets,
-        "target_patterns": state.target_patterns,
-        "dims": state.dims,
-        "scale": state.scale,
-        "bias": state.bias,
-        "dtype": str(state.dtype).removeprefix("torch."),
+        "targets": config.targets,
+        "target_patterns": config.target_patterns,
+        "dims": config.dims,
+        "dtype": _dtype_name(next(tensors[k].dtype for k in own)),
         "trainable": state.trainable,
         "trainable_parameters": {
-            k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-            for k, v in tensors.items()
-            if k not in editor_keys
+            k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items() if k not in own
         },
         "num_parameters": {
-            "edit": sum(tensors[k].numel() for k in editor_keys),
-            "modules": sum(v.numel() for k, v in tensors.items() if k not in editor_keys),
+            "edit": sum(tensors[k].numel() for k in own),
+            "modules": sum(v.numel() for k, v in tensors.items() if k not in own),
         },
     }
+    if config.method == "para":
+        meta.update(
+            rank=config.rank,
+            activation=config.activation,
+            up_bias=config.up_bias,
+            slots=config.slots,
+            out_sizes=config.out_sizes,
+        )
+    else:
+        meta.update(scale=config.scale, bias=config.bias)
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
@@ -100,136 +130,273 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         f.write("\n")
 
 
+# --- reading and checking --------------------------------------------------------------------------
+
+
+def _bad(path: str, msg: str) -> ValueError:
+    return ValueError(f"red_kernels.load_adapter: {path}: {msg}; the model was left unchanged")
+
+
+def _field(meta: dict, path: str, key: str, check, what: str, optional: bool = False):
+    if key not in meta:
+        if optional:
+            return None
+        raise _bad(path, f"field {key!r} is missing")
+    value = meta[key]
+    if optional and value is None:
+        return None
+    if not check(value):
+        raise _bad(path, f"field {key!r} must be {what}, got {value!r}")
+    return value
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
 def read_adapter_config(directory: str | os.PathLike) -> dict:
-    """The parsed ``adapter_config.json``, checked to be a red_kernels adapter of a known version."""
-    path = os.path.join(directory, CONFIG_NAME)
+    """The parsed and checked ``adapter_config.json`` of a red_kernels adapter."""
+    path = os.path.join(os.fspath(directory), CONFIG_NAME)
     if not os.path.isfile(path):
         raise ValueError(f"red_kernels.load_adapter: no {CONFIG_NAME} in {os.fspath(directory)!r}")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"red_kernels.load_adapter: {path} is not a red_kernels adapter config")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(path, f"not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _bad(path, "not a red_kernels adapter config (field 'format' is not 'red_kernels.adapter')")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"red_kernels.load_adapter: {path} has format_version {meta.get('format_version')}; "
-            f"this red_kernels reads version {FORMAT_VERSION}"
-        )
+        raise _bad(path, f"format_version {meta.get('format_version')!r}; this red_kernels reads {FORMAT_VERSION}")
+    method = _field(meta, path, "method", lambda v: v in METHODS, f"one of {METHODS}")
+    _field(meta, path, "architecture", lambda v: isinstance(v, str), "a string")
+    _field(meta, path, "model_type", lambda v: isinstance(v, str), "a string or null", optional=True)
+    _field(meta, path, "model_class", lambda v: isinstance(v, str), "a string", optional=True)
+    targets = _field(meta, path, "targets", lambda v: _str_list(v) and v, "a non-empty list of module names")
+    if len(set(targets)) != len(targets):
+        raise _bad(path, "field 'targets' lists a module twice")
+    _field(
+        meta,
+        path,
+        "dims",
+        lambda v: isinstance(v, dict) and set(v) == set(targets) and all(_is_int(x) and x > 0 for x in v.values()),
+        "a positive width for every target",
+    )
+    dtype = _field(meta, path, "dtype", lambda v: isinstance(v, str), "a dtype name")
+    if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
+        raise _bad(path, f"field 'dtype' must name a floating dtype, got {dtype!r}")
+    trainable = _field(meta, path, "trainable", _str_list, "a list of module names")
+    if len(set(trainable)) != len(trainable):
+        raise _bad(path, "field 'trainable' lists a module twice")
+    _field(meta, path, "target_patterns", _str_list, "a list of patterns or null", optional=True)
+    params = _field(meta, path, "trainable_parameters", lambda v: isinstance(v, dict), "an object", optional=True)
+    for key, info in (params or {}).items():
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)):
+            raise _bad(path, f"field 'trainable_parameters' entry {key!r} must have 'shape' and 'dtype'")
+    if method == "para":
+        _field(meta, path, "rank", lambda v: _is_int(v) and v > 0, "a positive int")
+        _field(meta, path, "activation", lambda v: isinstance(v, str), "an activation name")
+        _field(meta, path, "up_bias", lambda v: isinstance(v, bool), "true or false")
+        _field(meta, path, "slots", lambda v: isinstance(v, dict) and set(v) == set(targets), "a slot map per layer")
+        _field(meta, path, "out_sizes", lambda v: isinstance(v, dict) and set(v) == set(targets), "sizes per layer")
+    else:
+        _field(meta, path, "scale", lambda v: isinstance(v, bool), "true or false")
+        _field(meta, path, "bias", lambda v: isinstance(v, bool), "true or false")
+        if not (meta["scale"] or meta["bias"]):
+            raise _bad(path, "fields 'scale' and 'bias' are both false")
     return meta
 
 
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"red_kernels.load_adapter: unknown vector dtype {name!r} in {CONFIG_NAME}")
-    return dtype
-
-
-def _exact(names: list[str]) -> list[str]:
-    return ["re:" + re.escape(n) for n in names]
-
-
-def _fail(msg: str) -> ValueError:
-    return ValueError(f"red_kernels.load_adapter: {msg}; the model was left unchanged")
-
-
-def _listing(keys, limit: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def _validate(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Every check that can fail, before the model is touched."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if meta["model_type"] and model_type and meta["model_type"] != model_type:
-        raise _fail(f"the adapter was trained on model_type {meta['model_type']!r}, the model is {model_type!r}")
-    modules = dict(model.named_modules())
-    missing = [t for t in meta["targets"] if t not in modules]
-    if missing:
-        raise _fail(
-            f"the model has no module(s) {_listing(missing)} that the adapter edits "
-            f"(architecture {meta['architecture']!r}, model class {meta['model_class']!r})"
-        )
-    for t in meta["targets"]:
-        d = output_dim(modules[t], t)
-        if d != meta["dims"][t]:
-            raise _fail(f"module {t!r} has output width {d} but the adapter's vectors have width {meta['dims'][t]}")
-    for m in meta["trainable"]:
-        if m not in modules:
-            raise _fail(f"the model has no module {m!r} that the adapter keeps trainable")
-    parts = [p for p, on in (("scale", meta["scale"]), ("bias", meta["bias"])) if on]
-    expected = {f"{t}.{EDITOR_ATTR}.{p}": (meta["dims"][t],) for t in meta["targets"] for p in parts}
-    for key, p in _trainable_params(model, meta["trainable"]).items():
-        expected[key] = tuple(p.shape)
-    absent, extra = set(expected) - set(tensors), set(tensors) - set(expected)
-    if absent:
-        raise _fail(f"{WEIGHTS_NAME} lacks {len(absent)} tensor(s): {_listing(absent)}")
-    if extra:
-        raise _fail(f"{WEIGHTS_NAME} has {len(extra)} tensor(s) the model does not: {_listing(extra)}")
-    for key, shape in expected.items():
-        if tuple(tensors[key].shape) != shape:
-            raise _fail(f"tensor {key!r} has shape {list(tensors[key].shape)}, the model expects {list(shape)}")
-
-
-def load_adapter(model: nn.Module, directory: str | os.PathLike, *, backend: str | None = None) -> nn.Module:
-    """Patch ``model`` (a fresh base model) as the adapter says and load its vectors, in one call.
-
-    A model already patched with the same method and targets just gets the adapter's values (to
-    switch adapters). Any mismatch (model type, missing module, output width, missing or extra
-    tensors, shapes) raises ValueError before the model is changed. Nothing is unpickled.
-
-    Returns ``model``."""
+def _read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    meta = read_adapter_config(directory)
-    weights = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        raise _fail(f"no {WEIGHTS_NAME} in {os.fspath(directory)!r}")
-    tensors = load_file(weights)
-    dtype = _dtype(meta["dtype"])
-    _validate(model, meta, tensors)
-    state = patch_state(model)
-    if state is not None:
-        same = (state.method, state.targets, state.scale, state.bias, state.trainable) == (
-            meta["method"],
-            meta["targets"],
-            meta["scale"],
-            meta["bias"],
-            meta["trainable"],
+    path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"red_kernels.load_adapter: no {WEIGHTS_NAME} in {os.fspath(directory)!r}; the model was left unchanged"
         )
-        if not same:
-            raise _fail(
-                "the model is already patched differently (method, targets, vectors or trainable modules); "
-                "unpatch it first"
-            )
-        fresh = False
+    try:
+        return load_file(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for any damage
+        raise _bad(path, f"not a readable safetensors file (truncated, empty or another format: {exc})") from None
+
+
+def _config_from(meta: dict) -> AdapterConfig:
+    config = AdapterConfig(
+        method=meta["method"],
+        targets=list(meta["targets"]),
+        dims=dict(meta["dims"]),
+        dtype=getattr(torch, meta["dtype"]),
+        target_patterns=meta.get("target_patterns"),
+    )
+    if config.method == "para":
+        config.rank, config.activation, config.up_bias = meta["rank"], meta["activation"], meta["up_bias"]
+        config.slots, config.out_sizes = meta["slots"], {k: list(v) for k, v in meta["out_sizes"].items()}
     else:
-        arch, _, _, _ = plan_patch(model, meta["method"], _exact(meta["targets"]), _exact(meta["trainable"]) or None)
+        config.scale, config.bias = meta["scale"], meta["bias"]
+    return config
+
+
+def _validate(model: nn.Module, meta: dict, config: AdapterConfig, tensors: dict, path: str) -> None:
+    """Every check against the model that can fail, before the model is touched."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if meta.get("model_type") and model_type and meta["model_type"] != model_type:
+        raise _bad(path, f"the adapter was trained on model_type {meta['model_type']!r}, the model is {model_type!r}")
+    modules = dict(model.named_modules())
+    missing = [t for t in config.targets + meta["trainable"] if t not in modules]
+    if missing:
+        raise _bad(
+            path,
+            f"the model has no module(s) {missing[:5]} that the adapter names (model class "
+            f"{meta.get('model_class')!r}, architecture {meta['architecture']!r})",
+        )
+    if config.method == "para":
+        spec = ARCH_BY_NAME.get(meta["architecture"])
+        if spec is None or spec.para is None:
+            raise _bad(path, f"PARA adapter of unknown architecture {meta['architecture']!r}")
+        slots, sizes, dims = para_layout(spec, model, config.targets)
+        if (slots, sizes, dims) != (config.slots, config.out_sizes, config.dims):
+            raise _bad(path, "the model's PARA layers (projections or widths) differ from the adapter's")
+    else:
+        for t in config.targets:
+            d = output_dim(modules[t], t)
+            if d != config.dims[t]:
+                raise _bad(
+                    path, f"module {t!r} has output width {d} but the adapter's vectors have width {config.dims[t]}"
+                )
+    expected = {}
+    for place in config.targets:
+        gen_shapes = {
+            "w_down": (config.dims.get(place), config.rank),
+            "w_up": (config.rank, sum(config.out_sizes.get(place, []))),
+            "b_up": (sum(config.out_sizes.get(place, [])),),
+        }
+        for p in config.param_names(place):
+            shape = gen_shapes[p] if config.method == "para" else (config.dims[place],)
+            expected[file_key(config, place, p)] = (shape, config.dtype)
+    recorded = meta.get("trainable_parameters") or {}
+    for key, p in _trainable_params(model, meta["trainable"]).items():
+        dtype = getattr(torch, recorded[key]["dtype"], None) if key in recorded else p.dtype
+        expected[key] = (tuple(p.shape), dtype)
+    absent, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+    if absent:
+        raise _bad(path, f"{WEIGHTS_NAME} lacks {len(absent)} tensor(s): {sorted(absent)[:5]}")
+    if extra:
+        raise _bad(path, f"{WEIGHTS_NAME} has {len(extra)} tensor(s) the model does not: {sorted(extra)[:5]}")
+    for key, (shape, dtype) in expected.items():
+        t = tensors[key]
+        if tuple(t.shape) != tuple(shape):
+            raise _bad(path, f"tensor {key!r} has shape {list(t.shape)}, the model expects {list(shape)}")
+        if t.dtype != dtype:
+            raise _bad(path, f"tensor {key!r} is {t.dtype}, the config says {dtype}")
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str | None = None,
+    *,
+    backend: str | None = None,
+) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter`.
+
+    - On a plain model: patch it as the adapter says and load the tensors, as adapter
+      ``adapter_name`` (default ``"default"``), active and trainable.
+    - On a patched model: add the adapter under ``adapter_name`` (default: the directory's name)
+      beside the others, without re-patching or copying the backbone; it is frozen and inactive
+      until :func:`set_adapter` (or used per row with :func:`tenants`). Adapters of one model may
+      differ in method and options. An adapter carrying trainable base modules can only be the
+      first (those modules are not per adapter).
+
+    Any mismatch (a damaged file, a missing or malformed config field, model type, missing module,
+    widths, missing or extra tensors, shapes, dtypes, a name in use) raises ValueError naming the
+    file and the field, before the model is changed. Nothing is unpickled. Returns ``model``."""
+    meta = read_adapter_config(directory)
+    path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
+    tensors = _read_tensors(directory)
+    config = _config_from(meta)
+    _validate(model, meta, config, tensors, path)
+    state = patch_state(model)
+    if state is None:
+        name = check_adapter_name("default" if adapter_name is None else adapter_name, "load_adapter")
+        arch, planned, _ = plan_adapter(model, config.method, ["re:" + _esc(t) for t in config.targets], None)
         if meta["architecture"] not in ("custom", arch):
-            raise _fail(f"the adapter is for architecture {meta['architecture']!r}, the model is {arch!r}")
+            raise _bad(path, f"the adapter is for architecture {meta['architecture']!r}, the model is {arch!r}")
         patch_model(
             model,
-            meta["method"],
-            targets=_exact(meta["targets"]),
-            trainable=_exact(meta["trainable"]) or None,
-            scale=meta["scale"],
-            bias=meta["bias"],
-            dtype=dtype,
+            config.method,
+            targets=["re:" + _esc(t) for t in config.targets],
+            trainable=["re:" + _esc(m) for m in meta["trainable"]] or None,
+            scale=config.scale,
+            bias=config.bias,
+            dtype=config.dtype,
+            rank=config.rank,
+            activation=config.activation,
+            up_bias=config.up_bias,
             backend=backend,
+            adapter_name=name,
         )
         state = patch_state(model)
-        state.target_patterns = meta["target_patterns"]
+        state.adapters[name].target_patterns = config.target_patterns
         fresh = True
+    else:
+        default = os.path.basename(os.path.normpath(os.fspath(directory)))
+        name = check_adapter_name(default if adapter_name is None else adapter_name, "load_adapter")
+        if name in state.adapters:
+            raise _bad(path, f"the model already has an adapter named {name!r} (adapters: {list(state.adapters)})")
+        if meta["architecture"] not in ("custom", state.architecture):
+            raise _bad(
+                path, f"the adapter is for architecture {meta['architecture']!r}, the model is {state.architecture!r}"
+            )
+        if meta["trainable"]:
+            raise _bad(
+                path,
+                f"the adapter keeps base modules {meta['trainable']} trainable; such an adapter can only "
+                "be loaded into a plain model (base modules are shared by all adapters)",
+            )
+        install_adapter(model, state, name, config)
+        fresh = False
     try:
         params = dict(model.named_parameters(remove_duplicate=False))
+        buffers = dict(model.named_buffers(remove_duplicate=False))
+        full = {
+            file_key(config, place, p): _full_name(config, name, place, p)
+            for place in config.targets
+            for p in config.param_names(place)
+        }
         with torch.no_grad():
             for key, value in tensors.items():
-                params[key].copy_(value)
+                key = full.get(key, key)
+                (params[key] if key in params else buffers[key]).copy_(value)
+        if not fresh:
+            for p in _adapter_tensors(model, name, config).values():
+                if isinstance(p, nn.Parameter):
+                    p.requires_grad_(False)
     except Exception:
         if fresh:
+            from red_kernels.patch.core import unpatch_model
+
             unpatch_model(model)
+        else:
+            uninstall_adapter(model, state, name)
         raise
     return model
+
+
+def _full_name(config: AdapterConfig, name: str, place: str, param: str) -> str:
+    """The model's parameter name of an adapter tensor (the file's key plus the adapter's name)."""
+    key = file_key(config, place, param)
+    return key[: -len(param)] + f"{name}.{param}"
+
+
+def _esc(name: str) -> str:
+    import re
+
+    return re.escape(name)
 
 
 __all__ = ["adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter"]

@@ -26,6 +26,7 @@ class PARAVectorGenerator(nn.Module):
         rank: bottleneck width r (12 in the paper). The kernel backends run 1..64; automatic
             backend selection runs a larger rank on the reference backend.
         activation: ``"gelu"`` (default), ``"gelu_tanh"``, ``"relu"`` or ``"silu"``.
+        up_bias: ``b_up`` is a trainable parameter (default); False keeps it a fixed buffer of ones.
         backend: optional backend for every call (None: automatic / context / environment).
         device, dtype: of the parameters.
 
@@ -39,6 +40,7 @@ class PARAVectorGenerator(nn.Module):
         out_sizes: Sequence[int],
         rank: int = 12,
         activation: str = "gelu",
+        up_bias: bool = True,
         *,
         backend: str | None = None,
         device: torch.device | str | None = None,
@@ -66,7 +68,11 @@ class PARAVectorGenerator(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.w_down = nn.Parameter(torch.empty(d_model, rank, **factory))
         self.w_up = nn.Parameter(torch.empty(rank, sum(sizes), **factory))
-        self.b_up = nn.Parameter(torch.empty(sum(sizes), **factory))
+        if up_bias:
+            self.b_up = nn.Parameter(torch.empty(sum(sizes), **factory))
+        else:  # fixed ones: the vectors are 1 + act(x W_down) W_up (PARA's parameter count)
+            self.register_buffer("b_up", torch.empty(sum(sizes), **factory), persistent=False)
+        self.up_bias = up_bias
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -82,4 +88,7 @@ class PARAVectorGenerator(nn.Module):
 
     def extra_repr(self) -> str:
         sizes = list(self.out_sizes)
-        return f"d_model={self.d_model}, out_sizes={sizes}, rank={self.rank}, activation={self.activation!r}"
+        return (
+            f"d_model={self.d_model}, out_sizes={sizes}, rank={self.rank}, activation={self.activation!r}, "
+            f"up_bias={self.up_bias}"
+        )

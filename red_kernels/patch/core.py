@@ -1,53 +1,82 @@
-"""patch_model / unpatch_model / merge_model / trainable_parameters.
+"""patch_model / unpatch_model / trainable_parameters and the named adapters of a patched model.
 
-How an edit is attached: each target module (a Linear or a Hugging Face Conv1D) gets a child
-:class:`~red_kernels.nn.REDEdit` named ``red_edit`` and a forward hook that returns
-``module.red_edit(output)``. Compared with swapping the target for a wrapper module this keeps
+A patched model holds named adapters (``patch_model`` creates ``"default"``), each an
+:class:`~red_kernels.patch.methods.AdapterConfig` whose modules sit in banks beside the modules they
+edit (see :mod:`red_kernels.patch.methods`), and hooks that apply them (see
+:mod:`red_kernels.patch.sites`). Which adapter a row uses is the active one (:func:`set_adapter`),
+or one per row inside :func:`~red_kernels.patch.context.tenants`.
 
-- the target's class, attributes and parameter names (model code that reads ``self.wo.weight``
-  keeps working; the base keys of ``state_dict`` do not move; the edit vectors appear beside them as
-  ``<target>.red_edit.scale`` / ``.bias``),
-- unpatching trivially bit-exact: the base parameters are never touched (only ``requires_grad``,
-  which is restored), the hook and the child are removed,
-- gradient checkpointing (the recomputation calls the module, so the hook runs again) and
-  ``torch.compile`` (Dynamo traces module hooks) working unchanged,
-- merging simple: the editor sits right after the layer whose weight absorbs it.
-
-The patch's bookkeeping (method, targets, original ``requires_grad`` flags) lives on the model in
-the attribute ``_red_kernels_patch``, a plain dataclass, so ``copy.deepcopy`` keeps it.
+The patch's bookkeeping lives on the model in the attribute ``_red_kernels_patch``, a plain
+:class:`PatchState`, so ``copy.deepcopy`` keeps it (with a fresh per-thread context).
 """
 
 from __future__ import annotations
 
-import copy
-import re
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from red_kernels.nn.red import REDEdit
+from red_kernels._backend import BACKENDS
+from red_kernels.patch import sites
+from red_kernels.patch.context import Local
+from red_kernels.patch.methods import (
+    BANK_ATTRS,
+    AdapterBank,
+    AdapterConfig,
+    check_adapter_name,
+    check_para_options,
+    output_dim,
+    para_layout,
+    slot_pieces,
+)
 from red_kernels.patch.targets import ARCH_BY_NAME, METHODS, detect, match_names
 
-EDITOR_ATTR = "red_edit"
 STATE_ATTR = "_red_kernels_patch"
 
 
-@dataclass
+@dataclass(eq=False)
 class PatchState:
-    """What :func:`patch_model` did to a model (stored on it as ``_red_kernels_patch``)."""
+    """What :func:`patch_model` and the adapter functions did to a model."""
 
-    method: str
     architecture: str  # a name in red_kernels.patch.targets.ARCH_BY_NAME, or "custom"
-    targets: list[str]  # module names, in model order
-    dims: dict[str, int]
-    scale: bool
-    bias: bool
-    dtype: torch.dtype
-    trainable: list[str] = field(default_factory=list)  # module names kept trainable
-    target_patterns: list[str] | None = None  # the user's targets= patterns, if any
+    adapters: dict[str, AdapterConfig]
+    active: str | None
+    trainable: list[str] = field(default_factory=list)  # base modules kept trainable
     requires_grad: dict[str, bool] = field(default_factory=dict)  # original flag of each parameter
+    backend: str | None = None
+    # Derived by _refresh from the adapters: scaled module -> [(layer, pieces)], stacks whose
+    # decoder layers pool the encoder output.
+    para_sites: dict[str, list] = field(default_factory=dict)
+    encoder_stacks: set[str] = field(default_factory=set)
+    tables: dict = field(default_factory=dict)  # cached [K, ...] tables of mixed batches (no grad)
+    local: Local = field(default_factory=Local)  # per-thread context of the forward
+
+    @property
+    def key(self) -> int:
+        return id(self)
+
+    @property
+    def has_para(self) -> bool:
+        return any(c.method == "para" for c in self.adapters.values())
+
+    def pools_encoder(self, stack: str) -> bool:
+        return stack in self.encoder_stacks
+
+    @property
+    def config(self) -> AdapterConfig:
+        """The active adapter's config (the first adapter's when the base is active)."""
+        name = self.active if self.active is not None else next(iter(self.adapters))
+        return self.adapters[name]
+
+    # The active adapter's fields, as the single-adapter state of earlier versions exposed them.
+    method = property(lambda self: self.config.method)
+    targets = property(lambda self: self.config.targets)
+    dims = property(lambda self: self.config.dims)
+    scale = property(lambda self: self.config.scale)
+    bias = property(lambda self: self.config.bias)
+    dtype = property(lambda self: self.config.dtype)
+    target_patterns = property(lambda self: self.config.target_patterns)
 
 
 def patch_state(model: nn.Module) -> PatchState | None:
@@ -55,36 +84,28 @@ def patch_state(model: nn.Module) -> PatchState | None:
     return getattr(model, STATE_ATTR, None)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's Conv1D (GPT-2): a linear layer storing its weight as [in, out]."""
-    weight = getattr(module, "weight", None)
-    return (
-        type(module).__name__ == "Conv1D"
-        and isinstance(getattr(module, "nf", None), int)
-        and isinstance(weight, torch.Tensor)
-        and weight.dim() == 2
-        and weight.shape[1] == module.nf
-    )
+def require_patched(model: nn.Module, fn: str) -> PatchState:
+    state = patch_state(model)
+    if state is None:
+        raise ValueError(f"red_kernels.{fn}: the model is not patched by red_kernels.patch_model")
+    return state
 
 
-def output_dim(module: nn.Module, name: str) -> int:
-    """Width of the target's output, or ValueError when the module is not a supported target."""
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if _is_conv1d(module):
-        return module.nf
-    raise ValueError(
-        f"red_kernels.patch_model: target {name!r} is a {type(module).__name__}; targets must be "
-        "torch.nn.Linear or transformers' Conv1D (the output width of other modules is not known)"
-    )
+_require_patched = require_patched
 
 
-def _as_patterns(value: str | list[str] | tuple[str, ...] | None, arg: str) -> list[str] | None:
+# --- planning ------------------------------------------------------------------------------------
+
+
+def _as_patterns(value, arg: str) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str):
         value = [value]
-    value = list(value)
+    try:
+        value = list(value)
+    except TypeError:
+        value = None
     if not value or not all(isinstance(p, str) and p for p in value):
         raise ValueError(f"red_kernels.patch_model: argument '{arg}' must be a non-empty list of module-name patterns")
     return value
@@ -103,16 +124,6 @@ def _resolve_patterns(patterns: list[str], names: list[str], arg: str) -> list[s
     return [n for n in names if n in chosen]
 
 
-def _check_method(method: str) -> None:
-    if method == "para":
-        raise ValueError(
-            "red_kernels.patch_model: method='para' is not implemented yet in this version; "
-            f"available methods: {', '.join(METHODS)}"
-        )
-    if method not in METHODS:
-        raise ValueError(f"red_kernels.patch_model: argument 'method' must be one of {METHODS}, got {method!r}")
-
-
 def _detect_architecture(model: nn.Module, names: list[str]) -> str:
     try:
         return detect(model, "red", names)[0].name
@@ -120,22 +131,39 @@ def _detect_architecture(model: nn.Module, names: list[str]) -> str:
         return "custom"
 
 
-def plan_patch(
+def plan_adapter(
     model: nn.Module,
-    method: str = "red",
-    targets: str | list[str] | None = None,
-    trainable: str | list[str] | None = None,
-) -> tuple[str, list[str], dict[str, int], list[str]]:
-    """Validate a patch without changing the model: (architecture, targets, dims, trainable modules)."""
-    _check_method(method)
-    # A hand-built REDWrapped is not a patch; an editor child named red_edit is.
-    if patch_state(model) is not None or any(isinstance(m._modules.get(EDITOR_ATTR), REDEdit) for m in model.modules()):
-        state = patch_state(model)
-        what = f" with method {state.method!r} on {len(state.targets)} modules" if state else ""
+    method: str,
+    targets=None,
+    trainable=None,
+    *,
+    scale: bool = True,
+    bias: bool = True,
+    dtype: torch.dtype | None = None,
+    rank: int = 12,
+    activation: str = "gelu",
+    up_bias: bool = True,
+    backend: str | None = None,
+) -> tuple[str, AdapterConfig, list[str]]:
+    """Validate an adapter without changing the model: (architecture, config, trainable modules).
+
+    ``targets`` are the edited modules (red) or the layers (para)."""
+    if method not in METHODS:
+        raise ValueError(f"red_kernels.patch_model: argument 'method' must be one of {METHODS}, got {method!r}")
+    if backend is not None and backend not in ("auto", *BACKENDS):
         raise ValueError(
-            f"red_kernels.patch_model: the model is already patched{what}; call red_kernels.unpatch_model "
-            "(or merge_model) first"
+            f"red_kernels.patch_model: argument 'backend' must be None or one of {('auto', *BACKENDS)}, got {backend!r}"
         )
+    for arg, value in (("scale", scale), ("bias", bias)):
+        if not isinstance(value, bool):
+            raise ValueError(f"red_kernels.patch_model: argument '{arg}' must be True or False, got {value!r}")
+    if method != "para" and not (scale or bias):
+        raise ValueError("red_kernels.patch_model: at least one of 'scale' and 'bias' must be True")
+    vec_dtype = torch.float32 if dtype is None else dtype
+    if not isinstance(vec_dtype, torch.dtype) or not vec_dtype.is_floating_point:
+        raise ValueError(f"red_kernels.patch_model: argument 'dtype' must be a floating torch.dtype, got {dtype!r}")
+    if method == "para":
+        check_para_options(rank, activation, up_bias)
     names = [n for n, _ in model.named_modules() if n]
     patterns = _as_patterns(targets, "targets")
     if patterns is None:
@@ -143,32 +171,134 @@ def plan_patch(
         arch = spec.name
     else:
         chosen = _resolve_patterns(patterns, names, "targets")
-        arch = _detect_architecture(model, names)
+        arch = _detect_architecture(model, names) if method != "para" else detect(model, method, names)[0].name
     modules = dict(model.named_modules())
-    dims = {n: output_dim(modules[n], n) for n in chosen}
+    config = AdapterConfig(method=method, targets=chosen, dims={}, dtype=vec_dtype, target_patterns=patterns)
+    if method == "para":
+        spec = ARCH_BY_NAME[arch]
+        layers = [n for n in chosen if spec.para is not None and any(t.matches(n) for t in spec.targets("para"))]
+        if len(layers) != len(chosen):
+            bad = sorted(set(chosen) - set(layers))
+            raise ValueError(f"red_kernels.patch_model: PARA targets are layers; {bad[:3]} are not {arch} layers")
+        config.slots, config.out_sizes, config.dims = para_layout(spec, model, chosen)
+        config.rank, config.activation, config.up_bias = rank, activation, up_bias
+    else:
+        config.dims = {n: output_dim(modules[n], n) for n in chosen}
+        config.scale, config.bias = scale, bias
     keep = _resolve_patterns(_as_patterns(trainable, "trainable"), names, "trainable") if trainable else []
     # A trainable module inside another one adds nothing; keep the outermost names only.
     keep = [n for n in keep if not any(n.startswith(k + ".") for k in keep)]
-    return arch, chosen, dims, keep
+    return arch, config, keep
 
 
-def _edit_output_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return getattr(module, EDITOR_ATTR)(output)
+def _check_unpatched(model: nn.Module) -> None:
+    state = patch_state(model)
+    if state is not None or any(
+        isinstance(m._modules.get(a), AdapterBank) for m in model.modules() for a in BANK_ATTRS
+    ):
+        what = f" with adapters {list(state.adapters)}" if state else ""
+        raise ValueError(
+            f"red_kernels.patch_model: the model is already patched{what}; add adapters with "
+            "red_kernels.load_adapter, or call red_kernels.unpatch_model (or merge_model) first"
+        )
 
 
-def _attach(module: nn.Module, editor: REDEdit) -> None:
-    module.add_module(EDITOR_ATTR, editor)
-    module.register_forward_hook(_edit_output_hook)
+# --- installing adapters -------------------------------------------------------------------------
 
 
-def _detach(module: nn.Module) -> None:
-    for hook_id, hook in list(module._forward_hooks.items()):
-        if hook is _edit_output_hook:
-            del module._forward_hooks[hook_id]
-            module._forward_hooks_with_kwargs.pop(hook_id, None)
-            module._forward_hooks_always_called.pop(hook_id, None)
-    if EDITOR_ATTR in module._modules:
-        del module._modules[EDITOR_ATTR]
+def _stack_of(layer: str, up: int) -> str:
+    parts = layer.split(".")
+    return ".".join(parts[: max(len(parts) - up, 0)])
+
+
+def install_adapter(model: nn.Module, state: PatchState, name: str, config: AdapterConfig) -> None:
+    """Build ``name``'s modules and place them in the banks; nothing is changed if building fails."""
+    modules = dict(model.named_modules())
+    built = {}
+    for place in config.targets:
+        ref = next(iter(modules[place].parameters()), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        built[place] = config.build(place, device, state.backend)
+    for place, module in built.items():
+        target = modules[place]
+        bank = target._modules.get(config.bank_attr)
+        if bank is None:
+            bank = AdapterBank()
+            target.add_module(config.bank_attr, bank)
+        bank[name] = module
+    state.adapters[name] = config
+    refresh_hooks(model, state)
+
+
+def uninstall_adapter(model: nn.Module, state: PatchState, name: str) -> None:
+    config = state.adapters.pop(name)
+    for place in config.targets:
+        target = model.get_submodule(place)
+        bank = target._modules.get(config.bank_attr)
+        if bank is not None and name in bank:
+            del bank[name]
+            if not len(bank):
+                del target._modules[config.bank_attr]
+    state.tables.clear()
+    refresh_hooks(model, state)
+
+
+def refresh_hooks(model: nn.Module, state: PatchState) -> None:
+    """Hooks where the adapters need them, none elsewhere (cost: one pass over the modules)."""
+    spec = ARCH_BY_NAME.get(state.architecture)
+    sites_needed = {t for c in state.adapters.values() if c.method != "para" for t in c.targets}
+    layers: dict[str, str] = {}
+    para_sites: dict[str, list] = {}
+    modules = dict(model.named_modules())
+    for config in state.adapters.values():
+        if config.method != "para":
+            continue
+        for layer in config.targets:
+            layers[layer] = _stack_of(layer, spec.para.stack_up)
+            for module in dict.fromkeys(config.slots[layer].values()):
+                width = output_dim(modules[module], module)
+                entry = (layer, slot_pieces(spec, config, layer, module, width))
+                if entry not in para_sites.setdefault(module, []):
+                    para_sites[module].append(entry)
+                sites_needed.add(module)
+    stacks: dict[str, list[str]] = {}
+    for layer, stack in layers.items():
+        stacks.setdefault(stack, []).append(layer)
+    state.para_sites = para_sites
+    state.encoder_stacks = {
+        s for s in stacks if spec.para.decoder_pools_encoder and getattr(modules[s], "is_decoder", False)
+    }
+    root_needed = bool(layers) and spec.para.labels_are_tokens
+    for mname, module in modules.items():
+        sites.detach_hooks(module)
+        if mname in sites_needed:
+            sites.attach_site(state, module, mname)
+        if mname in layers:
+            sites.attach_layer(state, module, mname, layers[mname])
+        if mname in stacks:
+            sites.attach_stack(state, module, mname, tuple(stacks[mname]))
+        if mname == "" and root_needed:
+            sites.attach_root(state, module)
+
+
+def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
+    """The parameters of adapter ``name`` (default: the active one), by full name."""
+    state = require_patched(model, "adapter_parameters")
+    name = _known(state, state.active if name is None else name, "adapter_parameters")
+    config = state.adapters[name]
+    out = {}
+    for place in config.targets:
+        bank = model.get_submodule(place)._modules[config.bank_attr]
+        prefix = f"{place}.{config.bank_attr}.{name}" if place else f"{config.bank_attr}.{name}"
+        for pname, p in bank[name].named_parameters():
+            out[f"{prefix}.{pname}"] = p
+    return out
+
+
+def _known(state: PatchState, name, fn: str) -> str:
+    if name not in state.adapters:
+        raise ValueError(f"red_kernels.{fn}: unknown adapter {name!r}; the model has {list(state.adapters)}")
+    return name
 
 
 def patch_model(
@@ -180,212 +310,145 @@ def patch_model(
     scale: bool = True,
     bias: bool = True,
     dtype: torch.dtype | None = None,
+    rank: int = 12,
+    activation: str = "gelu",
+    up_bias: bool = True,
     backend: str | None = None,
+    adapter_name: str = "default",
 ) -> nn.Module:
-    """Freeze ``model`` and insert RED editors on its target modules, in place.
+    """Freeze ``model`` and add an adapter of ``method`` (named ``adapter_name``), in place.
 
-    Each target's output ``h [..., d]`` becomes ``h * scale + bias`` with learned ``scale [d]``
-    (init 1) and ``bias [d]`` (init 0), so the patched model equals the original at step 0.
+    - ``"red"`` / ``"red+"``: each target's output ``h [..., d]`` becomes ``h * scale + bias`` with
+      learned ``scale [d]`` (init 1) and ``bias [d]`` (init 0). ``red`` edits the FFN output of every
+      layer, ``red+`` also the attention projections (table in :mod:`red_kernels.patch.targets`).
+    - ``"para"``: per layer a generator pools the layer input's last prompt token ``x [B, d]`` and
+      makes ``[l_q, l_v, l_u] = act(x @ W_down) @ W_up + b_up`` (``W_down [d, rank]``, ``W_up
+      [rank, n_q + n_v + n_u]``), which scale the query, value and FFN-up projections' outputs of
+      that sequence. Init ``W_down ~ N(0, 0.02)``, ``W_up = 0``, ``b_up = 1``; ``up_bias=False``
+      keeps ``b_up`` fixed at ones (the paper's parameter count).
+
+    Either way the patched model equals the original bit for bit at step 0.
 
     Args:
-        model: a Hugging Face (or any) ``nn.Module``.
-        method: ``"red"`` (the FFN output of every layer) or ``"red+"`` (also the attention
-            projections); see :mod:`red_kernels.patch.targets` for the per-architecture table.
-            Architectures are recognised by their module names, so layouts shared with LLaMA,
-            RoBERTa/BERT, T5 and GPT-2 work.
+        model: a Hugging Face (or any) ``nn.Module``; LLaMA, RoBERTa, T5 and GPT-2 layouts (and
+            their look-alikes) are recognised by their module names.
         targets: module-name patterns overriding the table (globs matched against names and their
-            dotted suffixes, e.g. ``"mlp.down_proj"``, or ``"re:<regex>"``); Linear or Conv1D only.
+            dotted suffixes, e.g. ``"mlp.down_proj"``, or ``"re:<regex>"``): Linear or Conv1D
+            modules for red, layers for para.
         trainable: module-name patterns of base modules to keep trainable (e.g. ``"classifier"``);
-            they are saved with the adapter and counted apart by :func:`trainable_parameters`.
-        scale, bias: learn the scaling / bias vectors (the paper's ablations turn one off).
-        dtype: dtype of the vectors; None is fp32 whatever the model's dtype.
-        backend: backend of :func:`red_kernels.red_edit` for every editor (None: usual selection).
+            saved with the adapter and counted apart by :func:`trainable_parameters`.
+        scale, bias: RED's vectors (the paper's ablations turn one off).
+        dtype: dtype of the adapter's parameters; None is fp32 whatever the model's dtype (they
+            stay so when the model is cast).
+        rank, activation, up_bias: PARA's bottleneck width, activation (``gelu``, ``gelu_tanh``,
+            ``relu``, ``silu``) and whether ``b_up`` trains.
+        backend: backend of every op the adapters run (None: the usual selection).
+        adapter_name: the adapter's name.
 
-    Returns:
-        ``model`` itself. Raises ValueError (and leaves the model untouched) if it is already
-        patched, the method is unknown, or no target fits.
+    Returns ``model``. Raises ValueError (leaving the model untouched) if it is already patched,
+    an argument is invalid, or no target fits.
     """
-    arch, chosen, dims, keep = plan_patch(model, method, targets, trainable)
-    vec_dtype = torch.float32 if dtype is None else dtype
-    modules = dict(model.named_modules())
-    # Build every editor before touching the model, so a failure leaves it as it was.
-    editors = {}
-    for name in chosen:
-        weight = modules[name].weight
-        editors[name] = REDEdit(dims[name], scale, bias, dtype=vec_dtype, device=weight.device, backend=backend)
-    original = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, editor in editors.items():
-        _attach(modules[name], editor)
-    for name in keep:
-        for pname, p in modules[name].named_parameters():
-            if EDITOR_ATTR not in pname.split("."):
-                p.requires_grad_(True)
-    state = PatchState(
-        method=method,
-        architecture=arch,
-        targets=chosen,
-        dims=dims,
+    check_adapter_name(adapter_name, "patch_model")
+    _check_unpatched(model)
+    arch, config, keep = plan_adapter(
+        model,
+        method,
+        targets,
+        trainable,
         scale=scale,
         bias=bias,
-        dtype=vec_dtype,
-        trainable=keep,
-        target_patterns=_as_patterns(targets, "targets"),
-        requires_grad=original,
+        dtype=dtype,
+        rank=rank,
+        activation=activation,
+        up_bias=up_bias,
+        backend=backend,
     )
+    original = {n: p.requires_grad for n, p in model.named_parameters()}
+    state = PatchState(architecture=arch, adapters={}, active=adapter_name, trainable=keep, backend=backend)
+    state.requires_grad = original
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        install_adapter(model, state, adapter_name, config)
+    except Exception:
+        _remove_everything(model, state)
+        raise
+    for name in keep:
+        for pname, p in model.get_submodule(name).named_parameters():
+            if not set(BANK_ATTRS) & set(pname.split(".")):
+                p.requires_grad_(True)
     setattr(model, STATE_ATTR, state)
     return model
 
 
-def _require_patched(model: nn.Module, fn: str) -> PatchState:
-    state = patch_state(model)
-    if state is None:
-        raise ValueError(f"red_kernels.{fn}: the model is not patched by red_kernels.patch_model")
-    return state
-
-
-def _remove_patch(model: nn.Module, state: PatchState) -> None:
-    for name in state.targets:
-        _detach(model.get_submodule(name))
+def _remove_everything(model: nn.Module, state: PatchState) -> None:
+    for module in model.modules():
+        sites.detach_hooks(module)
+        for attr in BANK_ATTRS:
+            if isinstance(module._modules.get(attr), AdapterBank):
+                del module._modules[attr]
     for name, p in model.named_parameters():
         if name in state.requires_grad:
             p.requires_grad_(state.requires_grad[name])
-    delattr(model, STATE_ATTR)
+    if getattr(model, STATE_ATTR, None) is state:
+        delattr(model, STATE_ATTR)
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Remove every editor and hook and restore each parameter's ``requires_grad``, in place.
+    """Remove every adapter, bank and hook and restore each parameter's ``requires_grad``, in place.
 
     The module tree and ``state_dict`` are then those of the original model, bit for bit (modules
     kept trainable with ``trainable=`` keep whatever training did to them)."""
-    _remove_patch(model, _require_patched(model, "unpatch_model"))
+    _remove_everything(model, require_patched(model, "unpatch_model"))
     return model
 
 
-@torch.no_grad()
-def _fold(module: nn.Module, editor: REDEdit) -> bool:
-    """Fold ``editor`` into ``module`` in place; True if the module gained a bias.
-
-    Linear (weight [out, in]): ``W' = diag(s) W``; Conv1D (weight [in, out]): ``W' = W diag(s)``;
-    both: ``b' = s * b + c``. Arithmetic in fp32 (fp64 for fp64 weights), stored in the weight dtype."""
-    weight = module.weight
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    s = editor.scale.detach().to(device=weight.device, dtype=acc) if editor.scale is not None else None
-    c = editor.bias.detach().to(device=weight.device, dtype=acc) if editor.bias is not None else None
-    out_dim = -1 if _is_conv1d(module) else 0  # the output features' dim of the weight
-    if s is not None:
-        shape = [1, 1]
-        shape[out_dim] = -1
-        weight.copy_((weight.to(acc) * s.view(shape)).to(weight.dtype))
-    b = module.bias
-    if b is not None:
-        new_b = b.to(acc)
-        if s is not None:
-            new_b = new_b * s
-        if c is not None:
-            new_b = new_b + c
-        b.copy_(new_b.to(b.dtype))
-        return False
-    if c is None:
-        return False
-    module.bias = nn.Parameter(c.to(weight.dtype), requires_grad=weight.requires_grad)
-    return True
+# --- named adapters ------------------------------------------------------------------------------
 
 
-def _apply_bias_switches(model: nn.Module, arch: str, gained: list[str]) -> list[str]:
-    """Describe merged biases through the config's switches where the architecture has them.
-
-    Returns the names of layers that gained a bias the config does not describe."""
-    spec = ARCH_BY_NAME.get(arch)
-    config = getattr(model, "config", None)
-    if spec is None or config is None or not gained:
-        return gained
-    modules = dict(model.named_modules())
-    added: list[str] = []  # zero biases added to complete a group, removed again if the check fails
-    changed: dict[str, object] = {}
-    for switch in spec.bias_switches:
-        group = [n for n, m in modules.items() if isinstance(m, nn.Linear) and _re_full(switch.regex, n)]
-        if not any(n in gained for n in group) or getattr(config, switch.config_attr, None) is not False:
-            continue
-        changed[switch.config_attr] = False
-        setattr(config, switch.config_attr, True)
-        for n in group:
-            m = modules[n]
-            if m.bias is None:
-                m.bias = nn.Parameter(
-                    torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device),
-                    requires_grad=m.weight.requires_grad,
-                )
-                added.append(n)
-    if not changed:
-        return gained
-    if _config_describes(model):
-        described = set()
-        for attr in changed:
-            switch = next(s for s in spec.bias_switches if s.config_attr == attr)
-            described |= {n for n in modules if _re_full(switch.regex, n)}
-        return [n for n in gained if n not in described]
-    for attr, value in changed.items():  # the model class ignores the switch: undo
-        setattr(config, attr, value)
-    for n in added:
-        modules[n].bias = None
-    return gained
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the model's adapters, in the order they were added."""
+    return list(require_patched(model, "adapter_names").adapters)
 
 
-def _re_full(regex: str, name: str) -> bool:
-    return re.fullmatch(regex, name) is not None
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the adapter every row uses and the one that trains: its parameters require
+    grad, every other adapter's do not (so an optimizer built now moves it alone)."""
+    state = require_patched(model, "set_adapter")
+    _known(state, name, "set_adapter")
+    for other in state.adapters:
+        for p in adapter_parameters(model, other).values():
+            p.requires_grad_(other == name)
+    state.active = name
 
 
-def _config_describes(model: nn.Module) -> bool:
-    """Does ``type(model)(model.config)`` have exactly the model's state_dict keys? (Built on meta.)"""
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fresh = type(model)(copy.deepcopy(model.config))
-    except Exception:  # noqa: BLE001 - any failure means "cannot confirm"
-        return False
-    return set(fresh.state_dict()) == set(model.state_dict())
-
-
-def merge_model(model: nn.Module) -> nn.Module:
-    """Fold every edit into the layer it follows and return the plain model (in place).
-
-    ``W' = diag(scale) W`` and ``b' = scale * b + bias`` (a bias is added where the layer has
-    none; for GPT-2's Conv1D, whose weight is [in, out], the columns are scaled). The result has no
-    red_kernels module or hook left, its parameters' ``requires_grad`` are restored, and its outputs
-    equal the patched model's up to rounding. Where the architecture has a config switch for the new
-    biases (LLaMA's ``mlp_bias`` / ``attention_bias``) it is set, and the other layers of that
-    group get zero biases, so ``save_pretrained`` / ``from_pretrained`` of transformers reload the
-    merged model; otherwise a warning names the layers whose bias only lives in memory."""
-    state = _require_patched(model, "merge_model")
-    for name in state.targets:  # check every layer first, so a refusal leaves the model patched
-        weight = model.get_submodule(name).weight
-        if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point:
-            raise ValueError(
-                f"red_kernels.merge_model: cannot fold into {name!r}: its weight is a "
-                f"{type(weight).__name__} of {weight.dtype} (quantized or wrapped); merge into a "
-                "floating-point copy of the base model, or keep the patched model"
-            )
-    gained = []
-    for name in state.targets:
-        module = model.get_submodule(name)
-        if _fold(module, getattr(module, EDITOR_ATTR)):
-            gained.append(name)
-    _remove_patch(model, state)
-    for name in gained:  # a new bias trains (or not) like the weight it was folded beside
-        module = model.get_submodule(name)
-        module.bias.requires_grad_(module.weight.requires_grad)
-    orphan = _apply_bias_switches(model, state.architecture, gained)
-    if orphan and getattr(model, "config", None) is not None:
-        warnings.warn(
-            f"red_kernels.merge_model: {len(orphan)} layer(s) gained a bias that {type(model).__name__}'s "
-            f"config cannot describe (e.g. {orphan[0]!r}); the merged model computes correctly, but "
-            "transformers' from_pretrained will not reload those biases. Ship the adapter "
-            "(red_kernels.save_adapter) and merge after loading instead.",
-            stacklevel=2,
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` (its modules and, where nothing else needs them, its hooks)."""
+    state = require_patched(model, "delete_adapter")
+    _known(state, name, "delete_adapter")
+    if len(state.adapters) == 1:
+        raise ValueError(
+            f"red_kernels.delete_adapter: {name!r} is the model's only adapter; use red_kernels.unpatch_model"
         )
-    return model
+    if name == state.active:
+        raise ValueError(
+            f"red_kernels.delete_adapter: {name!r} is the active adapter; red_kernels.set_adapter another one first"
+        )
+    uninstall_adapter(model, state, name)
+
+
+def trainable_parameters(model: nn.Module) -> TrainableParameters:
+    """Count trainable / total parameters, adapter parameters apart from other trainable modules."""
+    adapter_ids = {id(p) for m in model.modules() if isinstance(m, AdapterBank) for p in m.parameters()}
+    trainable = total = edit = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+            if id(p) in adapter_ids:
+                edit += n
+    return TrainableParameters(trainable=trainable, total=total, edit=edit, modules=trainable - edit)
 
 
 @dataclass(frozen=True)
@@ -408,26 +471,15 @@ class TrainableParameters:
         )
 
 
-def trainable_parameters(model: nn.Module) -> TrainableParameters:
-    """Count trainable / total parameters, edit vectors apart from other trainable modules."""
-    edit_ids = {id(p) for m in model.modules() if isinstance(m, REDEdit) for p in m.parameters()}
-    trainable = total = edit = 0
-    for p in model.parameters():
-        n = p.numel()
-        total += n
-        if p.requires_grad:
-            trainable += n
-            if id(p) in edit_ids:
-                edit += n
-    return TrainableParameters(trainable=trainable, total=total, edit=edit, modules=trainable - edit)
-
-
 __all__ = [
     "PatchState",
     "TrainableParameters",
-    "merge_model",
+    "adapter_names",
+    "adapter_parameters",
+    "delete_adapter",
     "patch_model",
     "patch_state",
+    "set_adapter",
     "trainable_parameters",
     "unpatch_model",
 ]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-METHODS = ("red", "red+")
+METHODS = ("red", "red+", "para")
 _ANY_PREFIX = r"(?:.*\.)?"
 
 
@@ -52,14 +52,44 @@ class BiasSwitch:
 
 
 @dataclass(frozen=True)
+class ParaSlot:
+    """Where one PARA vector scales: a module (regex relative to the layer) and the part of its
+    output, ``(i, n)`` = the i-th of n equal parts (GPT-2's fused q|k|v), or None for all of it."""
+
+    vector: str  # "q", "v" or "u"
+    module: str
+    part: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class ParaSpec:
+    """PARA's layout of an architecture: its layers (one generator each), the module that owns
+    them (``stack_up`` name components above a layer: it receives ``attention_mask`` and the
+    cache), the scaled outputs, and how the prompt's last token is found.
+
+    ``labels_are_tokens``: the model's ``labels`` are next-token targets aligned with the input (causal
+    LMs), so their leading -100 run is the prompt. ``decoder_pools_encoder``: decoder layers pool the
+    encoder output's last real token (T5), so the decoder's vectors depend on the prompt."""
+
+    layer: str
+    stack_up: int
+    slots: tuple[ParaSlot, ...]
+    labels_are_tokens: bool = False
+    decoder_pools_encoder: bool = False
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     name: str
     model_types: tuple[str, ...]
     red: tuple[Target, ...]
     red_plus: tuple[Target, ...]
     bias_switches: tuple[BiasSwitch, ...] = field(default=())
+    para: ParaSpec | None = None
 
     def targets(self, method: str) -> tuple[Target, ...]:
+        if method == "para":
+            return (Target(self.para.layer),) if self.para else ()
         return self.red if method == "red" else self.red + self.red_plus
 
     def describe(self) -> str:
@@ -87,6 +117,16 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             BiasSwitch("mlp_bias", _ANY_PREFIX + r"layers\.\d+\.mlp\.(?:gate|up|down)_proj"),
             BiasSwitch("attention_bias", _ANY_PREFIX + r"layers\.\d+\.self_attn\.[qkvo]_proj"),
         ),
+        para=ParaSpec(
+            layer=_ANY_PREFIX + r"layers\.\d+",
+            stack_up=2,
+            slots=(
+                ParaSlot("q", r"self_attn\.q_proj"),
+                ParaSlot("v", r"self_attn\.v_proj"),  # [n_kv_heads * head_dim] under grouped-query attention
+                ParaSlot("u", r"mlp\.up_proj"),
+            ),
+            labels_are_tokens=True,
+        ),
     ),
     ArchSpec(
         name="roberta",
@@ -96,6 +136,15 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         red_plus=(
             *(_t(rf"layer\.\d+\.attention\.self\.{p}") for p in ("query", "key", "value")),
             _t(r"layer\.\d+\.attention\.output\.dense"),
+        ),
+        para=ParaSpec(
+            layer=_ANY_PREFIX + r"encoder\.layer\.\d+",
+            stack_up=3,  # roberta.encoder.layer.N -> roberta (RobertaModel gets the [B, L] attention_mask)
+            slots=(
+                ParaSlot("q", r"attention\.self\.query"),
+                ParaSlot("v", r"attention\.self\.value"),
+                ParaSlot("u", r"intermediate\.dense"),
+            ),
         ),
     ),
     ArchSpec(
@@ -107,6 +156,17 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             # Cross-attention exists only in the decoder (absent from T5EncoderModel).
             *(_t(rf"block\.\d+\.layer\.\d+\.EncDecAttention\.{p}", required=False) for p in "qkvo"),
         ),
+        para=ParaSpec(
+            layer=_ANY_PREFIX + r"block\.\d+",
+            stack_up=2,
+            slots=(
+                ParaSlot("q", r"layer\.0\.SelfAttention\.q"),
+                ParaSlot("v", r"layer\.0\.SelfAttention\.v"),
+                # wi in T5's FFN, wi_1 (the linear branch) in the gated variant of T5 v1.1 / mT5
+                ParaSlot("u", r"layer\.\d+\.DenseReluDense\.(?:wi|wi_1)"),
+            ),
+            decoder_pools_encoder=True,
+        ),
     ),
     ArchSpec(
         name="gpt2",
@@ -114,6 +174,16 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         red=(_t(r"h\.\d+\.mlp\.c_proj"),),
         # c_attn is q|k|v fused: one vector of 3 * d edits all three.
         red_plus=(_t(r"h\.\d+\.attn\.c_attn"), _t(r"h\.\d+\.attn\.c_proj")),
+        para=ParaSpec(
+            layer=_ANY_PREFIX + r"h\.\d+",
+            stack_up=2,
+            slots=(
+                ParaSlot("q", r"attn\.c_attn", (0, 3)),  # the query third of the fused q|k|v
+                ParaSlot("v", r"attn\.c_attn", (2, 3)),
+                ParaSlot("u", r"mlp\.c_fc"),
+            ),
+            labels_are_tokens=True,
+        ),
     ),
 )
 

@@ -1,0 +1,223 @@
+"""The hooks that apply adapters, and attaching / detaching them.
+
+Why a child module plus a hook (not a wrapper module): each edited module keeps its class,
+attributes and parameter names (model code that reads ``self.wo.weight`` keeps working; base
+``state_dict`` keys do not move, adapter parameters sit beside them as
+``<target>.red_edit.<adapter>.scale``); unpatching is bit-exact (the hooks and banks are removed,
+base parameters are never touched); gradient checkpointing (the recomputation calls the module
+again, so the hook runs again) and ``torch.compile`` (Dynamo traces module hooks) keep working.
+
+Hooks (each a ``functools.partial`` of a function below, so a deep-copied model's hooks point at
+its own copied state, and detaching finds them by function):
+
+- :func:`site_hook` on every module whose output an adapter edits: RED (its ``red_edit`` bank) and
+  PARA (the module is a scaled projection of a layer), for one adapter or gathered per row.
+- :func:`layer_pre_hook` on every PARA layer: runs the generators on the layer input (or reuses the
+  decode vectors) and leaves ``[B, n]`` vectors for the layer's scaled projections.
+- the model-level hooks of :mod:`red_kernels.patch.context` on the stacks and the root.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor, nn
+
+from red_kernels.ops.gathered_para_vector_gen import gathered_para_vector_gen
+from red_kernels.ops.gathered_red_edit import gathered_red_edit
+from red_kernels.ops.para_vector_gen import para_vector_gen
+from red_kernels.ops.seq_scale import seq_scale
+from red_kernels.patch import context
+from red_kernels.patch.methods import EDITOR_ATTR, GENERATOR_ATTR
+
+# --- tables of the adapters present in a mixed batch ----------------------------------------------
+
+
+def _table(state, key: tuple, tensors: list[Tensor | None], fill: float | None) -> Tensor | None:
+    """``torch.stack`` of one tensor per present adapter (``fill`` where an adapter has none), in
+    fp32. Under autograd it is built anew each call (gradients flow back to each adapter's own
+    parameters); without, it is cached until a parameter changes (``_version`` counts in-place
+    updates: an optimizer step, a load)."""
+    if all(t is None for t in tensors):
+        return None
+    ref = next(t for t in tensors if t is not None)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not training:
+        version = tuple((id(t), t._version) if t is not None else None for t in tensors)
+        hit = state.tables.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+    rows = [t.to(torch.float32) if t is not None else torch.full_like(ref, fill, dtype=torch.float32) for t in tensors]
+    table = torch.stack(rows)
+    if not training:
+        state.tables[key] = (version, table)
+    return table
+
+
+def _present(rows: tuple, bank: nn.ModuleDict) -> tuple[str, ...]:
+    return tuple(n for n in dict.fromkeys(rows) if n is not None and n in bank)
+
+
+# --- RED and PARA on a module's output ------------------------------------------------------------
+
+
+def site_hook(state, name: str, module: nn.Module, args: tuple, output):
+    if not isinstance(output, Tensor):
+        return output
+    rows = context.rows_for(state, output.shape[0])
+    if rows is None:
+        return output
+    bank = module._modules.get(EDITOR_ATTR)
+    if bank is not None:
+        output = _apply_red(state, name, bank, rows, output)
+    for layer, pieces in state.para_sites.get(name, ()):
+        vec = state.local.vectors.get(layer)
+        if vec is not None:
+            output = seq_scale(output, _module_vector(vec, pieces, output.shape[-1]), backend=state.backend)
+    return output
+
+
+def _apply_red(state, name: str, bank: nn.ModuleDict, rows, output: Tensor) -> Tensor:
+    if isinstance(rows, str):
+        editor = bank._modules.get(rows)
+        return output if editor is None else editor(output)
+    present = _present(rows, bank)
+    if not present:
+        return output
+    editors = [bank[n] for n in present]
+    scales = _table(state, (name, present, "scale"), [e.scale for e in editors], 1.0)
+    biases = _table(state, (name, present, "bias"), [e.bias for e in editors], 0.0)
+    ids = context.tenant_ids(state, rows, present, output.device)
+    return gathered_red_edit(output, scales, biases, ids, backend=state.backend)
+
+
+def _module_vector(vec: Tensor, pieces: list[tuple[int, int, int]], width: int) -> Tensor:
+    """The ``[B, width]`` vector of one scaled module from the layer's ``[B, n]`` (ones elsewhere)."""
+    if len(pieces) == 1 and pieces[0][0] == 0 and pieces[0][1] == width:
+        start = pieces[0][2]
+        return vec[:, start : start + width]
+    parts, at = [], 0
+    for out_start, n, vec_start in pieces:
+        if out_start > at:
+            parts.append(vec.new_ones(vec.shape[0], out_start - at))
+        parts.append(vec[:, vec_start : vec_start + n])
+        at = out_start + n
+    if at < width:
+        parts.append(vec.new_ones(vec.shape[0], width - at))
+    return torch.cat(parts, 1)
+
+
+# --- PARA generators on a layer's input -----------------------------------------------------------
+
+
+def layer_pre_hook(state, layer: str, stack: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    local = state.local
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    frame = local.frames.get(stack)
+    if frame is not None and frame.decode:
+        return  # the vectors of this cache were loaded by the stack hook; generators do not run
+    local.vectors.pop(layer, None)
+    if not isinstance(hidden, Tensor) or hidden.dim() != 3:
+        return
+    rows = context.rows_for(state, hidden.shape[0])
+    bank = module._modules.get(GENERATOR_ATTR)
+    if rows is None or bank is None:
+        return
+    # The stack's frame, when it belongs to this batch (a forward, or gradient checkpointing's rerun
+    # of a layer during backward); a layer called on its own pools its input's last token.
+    if frame is not None and frame.batch == hidden.shape[0] and frame.pool_index is not None:
+        source, pool = (frame.source if frame.source is not None else hidden), frame.pool_index
+    else:
+        source = hidden
+        pool = torch.full((hidden.shape[0],), hidden.shape[1] - 1, dtype=torch.int64, device=hidden.device)
+    if isinstance(rows, str):
+        gen = bank._modules.get(rows)
+        if gen is not None:
+            local.vectors[layer] = para_vector_gen(
+                source, pool, gen.w_down, gen.w_up, gen.b_up, gen.activation, backend=state.backend
+            )
+        return
+    present = _present(rows, bank)
+    if not present:
+        return
+    vec = None
+    groups: dict[tuple, list[str]] = {}
+    for n in present:  # one gathered call per (rank, activation): the kernels stack equal shapes
+        groups.setdefault((bank[n].rank, bank[n].activation), []).append(n)
+    for (_, activation), names in groups.items():
+        gens = [bank[n] for n in names]
+        tables = [
+            _table(state, (layer, tuple(names), p), [getattr(g, p) for g in gens], None)
+            for p in ("w_down", "w_up", "b_up")
+        ]
+        ids = context.tenant_ids(state, rows, tuple(names), hidden.device)
+        out = gathered_para_vector_gen(source, pool, *tables, ids, activation, backend=state.backend)
+        vec = out if vec is None else vec * out
+    local.vectors[layer] = vec
+
+
+def layer_post_hook(state, layer: str, stack: str, module: nn.Module, args, kwargs, output) -> None:
+    """Outside a stack call (a layer run on its own, or rerun by checkpointing during backward) the
+    vectors end with the layer; inside one, the stack's exit takes them (for the cache)."""
+    frame = state.local.frames.get(stack)
+    if frame is None or not frame.active:
+        state.local.vectors.pop(layer, None)
+
+
+# --- attach / detach ------------------------------------------------------------------------------
+
+HOOK_FUNCS = (site_hook, layer_pre_hook, layer_post_hook, context.stack_pre_hook, context.stack_post_hook)
+HOOK_FUNCS += (context.root_pre_hook, context.root_post_hook)
+
+
+def has_hook(module: nn.Module, func) -> bool:
+    hooks = (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+    return any(isinstance(h, functools.partial) and h.func is func for h in hooks)
+
+
+def attach_site(state, module: nn.Module, name: str) -> None:
+    if not has_hook(module, site_hook):
+        module.register_forward_hook(functools.partial(site_hook, state, name))
+
+
+def attach_layer(state, module: nn.Module, layer: str, stack: str) -> None:
+    if not has_hook(module, layer_pre_hook):
+        module.register_forward_pre_hook(functools.partial(layer_pre_hook, state, layer, stack), with_kwargs=True)
+        module.register_forward_hook(
+            functools.partial(layer_post_hook, state, layer, stack), with_kwargs=True, always_call=True
+        )
+
+
+def attach_stack(state, module: nn.Module, stack: str, layers: tuple[str, ...]) -> None:
+    if not has_hook(module, context.stack_pre_hook):
+        reader = context.ArgReader(module)
+        module.register_forward_pre_hook(
+            functools.partial(context.stack_pre_hook, state, stack, reader), with_kwargs=True
+        )
+        module.register_forward_hook(
+            functools.partial(context.stack_post_hook, state, stack, layers), with_kwargs=True, always_call=True
+        )
+
+
+def attach_root(state, module: nn.Module) -> None:
+    if not has_hook(module, context.root_pre_hook):
+        reader = context.ArgReader(module)
+        module.register_forward_pre_hook(functools.partial(context.root_pre_hook, state, reader), with_kwargs=True)
+        module.register_forward_hook(
+            functools.partial(context.root_post_hook, state), with_kwargs=True, always_call=True
+        )
+
+
+def detach_hooks(module: nn.Module) -> None:
+    """Remove every red_kernels hook from ``module`` (not from its children)."""
+    for hooks in (module._forward_hooks, module._forward_pre_hooks):
+        for hook_id, hook in list(hooks.items()):
+            if isinstance(hook, functools.partial) and hook.func in HOOK_FUNCS:
+                del hooks[hook_id]
+                for extra in (
+                    "_forward_hooks_with_kwargs",
+                    "_forward_hooks_always_called",
+                    "_forward_pre_hooks_with_kwargs",
+                ):
+                    getattr(module, extra, {}).pop(hook_id, None)
