@@ -6,10 +6,11 @@ tanh is written with sigmoid so the same code runs under the interpreter and on 
 import triton
 import triton.language as tl
 
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
-_COEF = 0.044715
+# constexpr: compiled Triton refuses plain module globals inside @jit code (the interpreter does not).
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_COEF = tl.constexpr(0.044715)
 
 
 @triton.jit
