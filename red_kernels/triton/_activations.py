@@ -7,6 +7,8 @@ import triton
 import triton.language as tl
 
 # constexpr: compiled Triton refuses plain module globals inside @jit code (the interpreter does not).
+# Each one multiplies a tensor on its left: under the interpreter, constexpr * tensor stays a
+# constexpr wrapping the tensor and breaks the next operation.
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -23,7 +25,7 @@ def act_forward(x, ACT: tl.constexpr):
     if ACT == 0:
         y = 0.5 * x * (1.0 + tl.math.erf(x * _INV_SQRT2))
     elif ACT == 1:
-        y = 0.5 * x * (1.0 + _tanh(_SQRT_2_OVER_PI * (x + _COEF * x * x * x)))
+        y = 0.5 * x * (1.0 + _tanh((x + x * x * x * _COEF) * _SQRT_2_OVER_PI))
     elif ACT == 2:
         y = tl.maximum(x, 0.0)
     else:
@@ -37,8 +39,8 @@ def act_backward(x, ACT: tl.constexpr):
     if ACT == 0:
         dy = 0.5 * (1.0 + tl.math.erf(x * _INV_SQRT2)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
     elif ACT == 1:
-        t = _tanh(_SQRT_2_OVER_PI * (x + _COEF * x * x * x))
-        dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _COEF * x * x)
+        t = _tanh((x + x * x * x * _COEF) * _SQRT_2_OVER_PI)
+        dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + x * x * (3.0 * _COEF))
     elif ACT == 2:
         dy = tl.where(x > 0.0, 1.0, 0.0)
     else:
