@@ -19,6 +19,7 @@ import os
 import torch
 from torch import nn
 
+from red_kernels.ops._activations import ACTIVATIONS
 from red_kernels.patch.core import (
     AdapterConfig,
     install_adapter,
@@ -70,7 +71,7 @@ def _name(state, adapter_name, fn: str) -> str:
     name = state.active if adapter_name is None else adapter_name
     if name is None:
         raise ValueError(f"red_kernels.{fn}: no active adapter; pass adapter_name")
-    if name not in state.adapters:
+    if not isinstance(name, str) or name not in state.adapters:
         raise ValueError(f"red_kernels.{fn}: unknown adapter {name!r}; the model has {list(state.adapters)}")
     return name
 
@@ -199,10 +200,20 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
             raise _bad(path, f"field 'trainable_parameters' entry {key!r} must have 'shape' and 'dtype'")
     if method == "para":
         _field(meta, path, "rank", lambda v: _is_int(v) and v > 0, "a positive int")
-        _field(meta, path, "activation", lambda v: isinstance(v, str), "an activation name")
+        _field(meta, path, "activation", lambda v: v in ACTIVATIONS, f"one of {list(ACTIVATIONS)}")
         _field(meta, path, "up_bias", lambda v: isinstance(v, bool), "true or false")
         _field(meta, path, "slots", lambda v: isinstance(v, dict) and set(v) == set(targets), "a slot map per layer")
-        _field(meta, path, "out_sizes", lambda v: isinstance(v, dict) and set(v) == set(targets), "sizes per layer")
+        _field(
+            meta,
+            path,
+            "out_sizes",
+            lambda v: (
+                isinstance(v, dict)
+                and set(v) == set(targets)
+                and all(isinstance(x, list) and x and all(_is_int(n) and n > 0 for n in x) for x in v.values())
+            ),
+            "a list of positive widths per layer",
+        )
     else:
         _field(meta, path, "scale", lambda v: isinstance(v, bool), "true or false")
         _field(meta, path, "bias", lambda v: isinstance(v, bool), "true or false")

@@ -135,7 +135,7 @@ def tenants(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
             f"red_kernels.tenants: argument 'names' must list one adapter name (or None) per row, got {names!r}"
         )
     names = tuple(names)
-    unknown = sorted({n for n in names if n is not None and n not in state.adapters}, key=str)
+    unknown = [n for n in names if n is not None and (not isinstance(n, str) or n not in state.adapters)]
     if unknown:
         raise ValueError(
             f"red_kernels.tenants: unknown adapter(s) {unknown}; the model has {sorted(state.adapters)} (None = base)"

@@ -213,7 +213,7 @@ def _stack_of(layer: str, up: int) -> str:
 
 def install_adapter(model: nn.Module, state: PatchState, name: str, config: AdapterConfig) -> None:
     """Build ``name``'s modules and place them in the banks; nothing is changed if building fails."""
-    modules = dict(model.named_modules())
+    modules = {place: model.get_submodule(place) for place in config.targets}
     built = {}
     for place in config.targets:
         ref = next(iter(modules[place].parameters()), None)
@@ -249,7 +249,7 @@ def refresh_hooks(model: nn.Module, state: PatchState) -> None:
     sites_needed = {t for c in state.adapters.values() if c.method != "para" for t in c.targets}
     layers: dict[str, str] = {}
     para_sites: dict[str, list] = {}
-    modules = dict(model.named_modules())
+    modules = dict(base_modules(model))
     for config in state.adapters.values():
         if config.method != "para":
             continue
@@ -281,6 +281,16 @@ def refresh_hooks(model: nn.Module, state: PatchState) -> None:
             sites.attach_root(state, module)
 
 
+def base_modules(module: nn.Module, prefix: str = ""):
+    """``named_modules()`` without the adapter banks' contents: a walk whose cost does not grow
+    with the number of adapters."""
+    yield prefix, module
+    for name, child in module._modules.items():
+        if child is None or isinstance(child, AdapterBank):
+            continue
+        yield from base_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
 def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
     """The parameters of adapter ``name`` (default: the active one), by full name."""
     state = require_patched(model, "adapter_parameters")
@@ -296,7 +306,7 @@ def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, n
 
 
 def _known(state: PatchState, name, fn: str) -> str:
-    if name not in state.adapters:
+    if not isinstance(name, str) or name not in state.adapters:
         raise ValueError(f"red_kernels.{fn}: unknown adapter {name!r}; the model has {list(state.adapters)}")
     return name
 

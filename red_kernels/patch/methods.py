@@ -99,11 +99,12 @@ class AdapterBank(nn.ModuleDict):
     the activations' dtype), so training and saving see what the adapter was made with."""
 
     def _apply(self, fn, recurse=True):
-        dtypes = {n: t.dtype for n, t in (*self.named_parameters(), *self.named_buffers())}
+        # Keep the values, not only the dtype: casting fp32 -> bf16 -> fp32 would round them.
+        before = {n: t.data for n, t in (*self.named_parameters(), *self.named_buffers())}
         super()._apply(fn, recurse)
         for n, t in (*self.named_parameters(), *self.named_buffers()):
-            if t.dtype != dtypes[n]:
-                t.data = t.data.to(dtypes[n])
+            if t.dtype != before[n].dtype:
+                t.data = before[n].to(device=t.device)
         return self
 
 

@@ -42,7 +42,9 @@ def _table(state, key: tuple, tensors: list[Tensor | None], fill: float | None) 
     if all(t is None for t in tensors):
         return None
     ref = next(t for t in tensors if t is not None)
+    # Under torch.compile the table is part of the graph (guarding on _version is not traceable).
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    training = training or torch.compiler.is_compiling()
     if not training:
         version = tuple((id(t), t._version) if t is not None else None for t in tensors)
         hit = state.tables.get(key)
