@@ -6,8 +6,10 @@ base model vs RED, PARA and mixed-tenant batches, side by side in one process.
   as a patched model's does.
 - Decode (issue 10): greedy decoding of 32 tokens after a 256-token prompt, batch 8: base and PARA.
 - Tenants (issue 11): LLaMA hidden 1024, 8 layers, 16 heads, 4 KV heads, vocab 32000, prompt 256,
-  32 new tokens: base, RED tenants and PARA tenants for batch 8 / 8 tenants and batch 64 / 1, 8, 64
-  tenants (``RK_BENCH_TENANTS_FULL=1``; the default run keeps batch 8 to fit a 2-core CPU).
+  32 new tokens: base, RED tenants, PARA tenants, PEFT LoRA r=8 on q_proj/v_proj with mixed
+  ``adapter_names`` and PEFT IA3 looping one sub-batch per tenant (what PEFT users do today), for
+  batch 8 / 8 tenants and batch 64 / 1, 8, 64 tenants (``RK_BENCH_TENANTS_FULL=1``; the default run
+  keeps batch 8 to fit a 2-core CPU). Peak memory (RSS high-water mark) is recorded per case.
 
     make bench PYTEST_ARGS="benchmarks/bench_models.py"
 """
@@ -142,20 +144,62 @@ def _tenant_bank(method, count):
 _TENANT_CASES = [(8, 8)] + ([(64, 1), (64, 8), (64, 64)] if os.environ.get("RK_BENCH_TENANTS_FULL") == "1" else [])
 
 
+def _peft_bank(kind, count):
+    peft = pytest.importorskip("peft")
+    key = f"peft-{kind}-{count}"
+    if key not in _DECODE:
+        base = copy.deepcopy(_decode_model("tenants", 1024, 8, 16, 4, 2816))
+        if kind == "lora":
+            cfg = lambda: peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        else:
+            cfg = lambda: peft.IA3Config(
+                target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
+            )
+        model = peft.get_peft_model(base, cfg(), adapter_name="t0")
+        for i in range(1, count):
+            model.add_adapter(f"t{i}", cfg())
+        model.eval()
+        _DECODE[key] = model
+    return _DECODE[key]
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 @pytest.mark.parametrize("batch,tenants", _TENANT_CASES, ids=[f"b{b}-t{t}" for b, t in _TENANT_CASES])
-@pytest.mark.parametrize("variant", ["base", "red", "para"])
+@pytest.mark.parametrize("variant", ["base", "red", "para", "peft-lora", "peft-ia3-loop"])
 def test_decode_tenants(benchmark, variant, batch, tenants):
     ids = torch.randint(3, 32000, (batch, 256), generator=torch.Generator().manual_seed(0))
     group = f"model decode tenants llama-1024x8 b{batch} t{tenants}"
+    names = [f"t{i % tenants}" for i in range(batch)]
     if variant == "base":
         model = _decode_model("tenants", 1024, 8, 16, 4, 2816)
-        run(benchmark, lambda: _generate(model, ids), group, variant, rounds=3, tokens=batch * 32)
-        return
-    bank = _tenant_bank(variant, tenants)
-    names = [f"t{i % tenants}" for i in range(batch)]
+        go = lambda: _generate(model, ids)  # noqa: E731
+    elif variant == "peft-lora":
+        model = _peft_bank("lora", tenants)
 
-    def go():
-        with rk.tenants(bank, names):
-            _generate(bank, ids)
+        def go():
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, adapter_names=names
+                )
+    elif variant == "peft-ia3-loop":
+        model = _peft_bank("ia3", tenants)
 
-    run(benchmark, go, group, f"rk-{variant}-tenants", rounds=3, tokens=batch * 32)
+        def go():
+            for t in sorted(set(names)):
+                rows = [i for i, n in enumerate(names) if n == t]
+                model.set_adapter(t)
+                _generate(model, ids[rows])
+    else:
+        bank = _tenant_bank(variant, tenants)
+
+        def go():
+            with rk.tenants(bank, names):
+                _generate(bank, ids)
+
+    run(benchmark, go, group, variant, rounds=3, tokens=batch * 32)
+    benchmark.extra_info["peak_rss_mb"] = _peak_rss_mb()
