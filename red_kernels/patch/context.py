@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +71,7 @@ class Frame:
     decode: bool
     cache: object | None
     active: bool = True  # False once the stack call returned (or failed)
+    inputs: dict = field(default_factory=dict)  # layer -> its input's key while the call ran
 
 
 # --- rows ----------------------------------------------------------------------------------------
@@ -250,15 +251,39 @@ def root_post_hook(state, module: nn.Module, args: tuple, kwargs: dict, output) 
     state.local.label_lengths = None
 
 
+def generate_with_prompt(state, model: nn.Module, *args, **kwargs):
+    """``model.generate`` of a patched causal LM: the prompt's length is known for the whole
+    generation, so every forward pools the prompt's last token, also without a KV cache
+    (``use_cache=False`` reruns prompt + generated tokens at every step)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    mask = kwargs.get("attention_mask")
+    if state.local.prompt_lengths is None and isinstance(ids, Tensor) and ids.dim() == 2 and ids.shape[0]:
+        if isinstance(mask, Tensor) and mask.shape == ids.shape:
+            lengths = (mask != 0).sum(1)
+        else:  # no mask: every token is the prompt's, unless generate infers padding from pad tokens
+            pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+            lengths = (
+                None
+                if isinstance(pad, int) and bool((ids == pad).any())
+                else ids.new_full((ids.shape[0],), ids.shape[1])
+            )
+        if lengths is not None and bool((lengths > 0).all()):
+            with prompt_lengths(model, lengths):
+                return type(model).generate(model, *args, **kwargs)
+    return type(model).generate(model, *args, **kwargs)
+
+
 def _pool_index(state, mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
     lengths = state.local.prompt_lengths
     if lengths is None:
         lengths = state.local.label_lengths
     if lengths is not None:
-        if lengths.shape[0] != batch:
+        if lengths.shape[0] != batch and not (lengths.shape[0] and batch % lengths.shape[0] == 0):
             raise ValueError(
                 f"red_kernels.prompt_lengths: {lengths.shape[0]} prompt lengths for a batch of {batch} rows"
             )
+        if lengths.shape[0] != batch and lengths.shape[0] and batch % lengths.shape[0] == 0:
+            lengths = lengths.repeat_interleave(batch // lengths.shape[0])  # generate's beams / returned sequences
         lengths = lengths.to(device)
     if mask is None:
         mask = torch.ones(batch, length, dtype=torch.int64, device=device)

@@ -12,8 +12,9 @@ its own copied state, and detaching finds them by function):
 
 - :func:`site_hook` on every module whose output an adapter edits: RED (its ``red_edit`` bank) and
   PARA (the module is a scaled projection of a layer), for one adapter or gathered per row.
-- :func:`layer_pre_hook` on every PARA layer: runs the generators on the layer input (or reuses the
-  decode vectors) and leaves ``[B, n]`` vectors for the layer's scaled projections.
+- every PARA layer's ``forward`` (:func:`_para_forward`, through a subclass of the layer's class):
+  runs the generators on the layer input (or reuses the decode vectors) and leaves ``[B, n]``
+  vectors for the layer's scaled projections.
 - the model-level hooks of :mod:`red_kernels.patch.context` on the stacks and the root.
 """
 
@@ -113,11 +114,20 @@ def _module_vector(vec: Tensor, pieces: list[tuple[int, int, int]], width: int) 
 # --- PARA generators on a layer's input -----------------------------------------------------------
 
 
-def layer_pre_hook(state, layer: str, stack: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+def _input_key(t: Tensor):
+    """What identifies a layer input across gradient checkpointing's rerun (the same storage; the
+    reentrant variant passes detached copies). None under torch.compile, where it is not traceable."""
+    if torch.compiler.is_compiling():
+        return None
+    return (t.data_ptr(), tuple(t.shape), t.stride())
+
+
+def run_generators(state, layer: str, stack: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Before the layer's own forward: its vectors for this call, in ``local.vectors[layer]``."""
     local = state.local
     hidden = args[0] if args else kwargs.get("hidden_states")
     frame = local.frames.get(stack)
-    if frame is not None and frame.decode:
+    if frame is not None and frame.active and frame.decode:
         return  # the vectors of this cache were loaded by the stack hook; generators do not run
     local.vectors.pop(layer, None)
     if not isinstance(hidden, Tensor) or hidden.dim() != 3:
@@ -126,9 +136,16 @@ def layer_pre_hook(state, layer: str, stack: str, module: nn.Module, args: tuple
     bank = module._modules.get(GENERATOR_ATTR)
     if rows is None or bank is None:
         return
-    # The stack's frame, when it belongs to this batch (a forward, or gradient checkpointing's rerun
-    # of a layer during backward); a layer called on its own pools its input's last token.
-    if frame is not None and frame.batch == hidden.shape[0] and frame.pool_index is not None:
+    # The stack's frame pools while its call runs, and afterwards for gradient checkpointing's rerun
+    # of this layer during backward (recognised by its input); a layer called on its own pools its
+    # input's last token.
+    key = _input_key(hidden)
+    usable = frame is not None and frame.pool_index is not None and frame.batch == hidden.shape[0]
+    if usable and frame.active:
+        frame.inputs[layer] = key
+    elif usable:
+        usable = key is not None and frame.inputs.get(layer) == key
+    if usable:
         source, pool = (frame.source if frame.source is not None else hidden), frame.pool_index
     else:
         source = hidden
@@ -159,7 +176,7 @@ def layer_pre_hook(state, layer: str, stack: str, module: nn.Module, args: tuple
     local.vectors[layer] = vec
 
 
-def layer_post_hook(state, layer: str, stack: str, module: nn.Module, args, kwargs, output) -> None:
+def end_layer(state, layer: str, stack: str) -> None:
     """Outside a stack call (a layer run on its own, or rerun by checkpointing during backward) the
     vectors end with the layer; inside one, the stack's exit takes them (for the cache)."""
     frame = state.local.frames.get(stack)
@@ -167,9 +184,40 @@ def layer_post_hook(state, layer: str, stack: str, module: nn.Module, args, kwar
         state.local.vectors.pop(layer, None)
 
 
+def _para_forward(self, *args, **kwargs):
+    """``forward`` of a PARA layer: the generators, then the layer's own forward.
+
+    A subclass's forward rather than a forward pre-hook, so that the generators run inside the
+    layer's gradient checkpoint: transformers checkpoints ``forward`` (not ``__call__``, whose hooks
+    stay outside), and the recomputation must make the vectors again for the projections' hooks."""
+    state, layer, stack = self.__dict__[LAYER_ATTR]
+    run_generators(state, layer, stack, self, args, kwargs)
+    try:
+        return super(type(self), self).forward(*args, **kwargs)
+    finally:
+        end_layer(state, layer, stack)
+
+
+LAYER_ATTR = "_red_kernels_para_layer"
+_PARA_CLASSES: dict[type, type] = {}
+
+
+def _para_class(cls: type) -> type:
+    """``cls`` with :func:`_para_forward`: same ``__name__`` (the model's repr is unchanged), a
+    distinct ``__qualname__`` so that pickling a patched model fails loudly instead of silently
+    dropping PARA (save adapters with ``save_adapter``)."""
+    if cls not in _PARA_CLASSES:
+        _PARA_CLASSES[cls] = type(
+            cls.__name__,
+            (cls,),
+            {"forward": _para_forward, "__qualname__": f"PARA[{cls.__qualname__}]", "_red_kernels_base": cls},
+        )
+    return _PARA_CLASSES[cls]
+
+
 # --- attach / detach ------------------------------------------------------------------------------
 
-HOOK_FUNCS = (site_hook, layer_pre_hook, layer_post_hook, context.stack_pre_hook, context.stack_post_hook)
+HOOK_FUNCS = (site_hook, context.stack_pre_hook, context.stack_post_hook)
 HOOK_FUNCS += (context.root_pre_hook, context.root_post_hook)
 
 
@@ -184,11 +232,9 @@ def attach_site(state, module: nn.Module, name: str) -> None:
 
 
 def attach_layer(state, module: nn.Module, layer: str, stack: str) -> None:
-    if not has_hook(module, layer_pre_hook):
-        module.register_forward_pre_hook(functools.partial(layer_pre_hook, state, layer, stack), with_kwargs=True)
-        module.register_forward_hook(
-            functools.partial(layer_post_hook, state, layer, stack), with_kwargs=True, always_call=True
-        )
+    module.__dict__[LAYER_ATTR] = (state, layer, stack)
+    if "_red_kernels_base" not in vars(type(module)):
+        module.__class__ = _para_class(type(module))
 
 
 def attach_stack(state, module: nn.Module, stack: str, layers: tuple[str, ...]) -> None:
@@ -203,6 +249,8 @@ def attach_stack(state, module: nn.Module, stack: str, layers: tuple[str, ...]) 
 
 
 def attach_root(state, module: nn.Module) -> None:
+    if callable(getattr(type(module), "generate", None)):
+        module.__dict__["generate"] = functools.partial(context.generate_with_prompt, state, module)
     if not has_hook(module, context.root_pre_hook):
         reader = context.ArgReader(module)
         module.register_forward_pre_hook(functools.partial(context.root_pre_hook, state, reader), with_kwargs=True)
@@ -212,7 +260,7 @@ def attach_root(state, module: nn.Module) -> None:
 
 
 def detach_hooks(module: nn.Module) -> None:
-    """Remove every red_kernels hook from ``module`` (not from its children)."""
+    """Remove every red_kernels hook (and PARA layer class) from ``module`` (not from its children)."""
     for hooks in (module._forward_hooks, module._forward_pre_hooks):
         for hook_id, hook in list(hooks.items()):
             if isinstance(hook, functools.partial) and hook.func in HOOK_FUNCS:
@@ -223,3 +271,10 @@ def detach_hooks(module: nn.Module) -> None:
                     "_forward_pre_hooks_with_kwargs",
                 ):
                     getattr(module, extra, {}).pop(hook_id, None)
+    base = vars(type(module)).get("_red_kernels_base")
+    if base is not None:
+        module.__class__ = base
+    module.__dict__.pop(LAYER_ATTR, None)
+    generate = module.__dict__.get("generate")
+    if isinstance(generate, functools.partial) and generate.func is context.generate_with_prompt:
+        del module.__dict__["generate"]
