@@ -8,7 +8,7 @@ TRITON_SPEC ?= triton==3.7.1
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.red_kernels_setup
 
-.PHONY: setup build demo test bench lint format clean
+.PHONY: setup build demo test bench lint format clean gpu-check
 
 setup: $(STAMP)
 
@@ -40,14 +40,22 @@ bench: setup
 		| tee benchmarks/results/$(BENCH_TAG).md
 
 lint: setup
-	$(VENV)/bin/ruff check red_kernels python_tests benchmarks setup.py
-	$(VENV)/bin/ruff format --check red_kernels python_tests benchmarks setup.py
+	$(VENV)/bin/ruff check red_kernels python_tests benchmarks scripts setup.py
+	$(VENV)/bin/ruff format --check red_kernels python_tests benchmarks scripts setup.py
 	$(VENV)/bin/clang-format --dry-run --Werror $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 format: setup
-	$(VENV)/bin/ruff format red_kernels python_tests benchmarks setup.py
-	$(VENV)/bin/ruff check --fix red_kernels python_tests benchmarks setup.py
+	$(VENV)/bin/ruff format red_kernels python_tests benchmarks scripts setup.py
+	$(VENV)/bin/ruff check --fix red_kernels python_tests benchmarks scripts setup.py
 	$(VENV)/bin/clang-format -i $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+# One-command check on a GPU machine whose python3 already has a CUDA torch, triton, nvcc,
+# transformers and pytest (no .venv, no downloads): builds the extension in place for the local GPU,
+# runs the GPU and op tests, times the ops and a small LLaMA; results in $OUT (default gpu_out/).
+# GPU_CHECK_DRY_RUN=1 checks the environment and prints the plan without a GPU.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py
 
 clean:
 	rm -rf build *.egg-info red_kernels/*.so $(VENV)
