@@ -511,3 +511,30 @@ def test_torch_compile_fullgraph_after_eager_mixed_batches(banks):
         eager = model(ids).logits
         got = fn(ids)
     torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["red", "para"])
+def test_training_after_serving_the_same_rows(tmp_path, method):
+    """Tenant ids and tables made under inference_mode are not reused by a training forward
+    (inference tensors cannot be saved for backward)."""
+    model = tiny_llama()
+    rk.patch_model(model, method, adapter_name="a")
+    rk.save_adapter(model, tmp_path)
+    rk.load_adapter(model, tmp_path, adapter_name="b")
+    ids = torch.randint(3, VOCAB, (2, 5))
+    with torch.inference_mode(), rk.tenants(model, ["a", "b"]):
+        model(ids)
+    for p in rk.adapter_parameters(model, "b").values():
+        p.requires_grad_(True)
+    with rk.tenants(model, ["a", "b"]):
+        model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in rk.adapter_parameters(model, "b").values())
+    # Frozen adapters with a gradient through the activations (e.g. training the embeddings).
+    for p in rk.adapter_parameters(model, "b").values():
+        p.requires_grad_(False)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    with torch.inference_mode(), rk.tenants(model, ["a", "b"]):
+        model(ids)
+    with rk.tenants(model, ["a", "b"]):
+        model(inputs_embeds=embeds, labels=ids).loss.backward()
+    assert embeds.grad is not None

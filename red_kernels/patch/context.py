@@ -101,7 +101,8 @@ def rows_for(state, batch: int) -> tuple[str | None, ...] | str | None:
 
 def tenant_ids(state, rows: tuple[str | None, ...], present: tuple[str, ...], device: torch.device) -> Tensor:
     """``[B]`` int64: each row's index in ``present``, -1 for rows whose adapter is not there."""
-    key = (rows, present, device)
+    # Inference-mode tensors cannot be saved for backward: a training forward builds its own.
+    key = (rows, present, device, torch.is_inference_mode_enabled())
     ids = state.local.ids.get(key)
     if ids is None:
         index = {n: i for i, n in enumerate(present)}

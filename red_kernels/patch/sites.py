@@ -47,6 +47,7 @@ def _table(state, key: tuple, tensors: list[Tensor | None], fill: float | None) 
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     training = training or torch.compiler.is_compiling()
     if not training:
+        key = (*key, torch.is_inference_mode_enabled())  # inference tensors cannot be saved for backward
         version = tuple((id(t), t._version) if t is not None else None for t in tensors)
         hit = state.tables.get(key)
         if hit is not None and hit[0] == version:
