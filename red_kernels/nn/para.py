@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from red_kernels.nn._checks import floating_dtype, positive_int
 from red_kernels.ops._activations import activation_code
 from red_kernels.ops.para_vector_gen import para_vector_gen
 
@@ -47,16 +48,17 @@ class PARAVectorGenerator(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        sizes = tuple(int(s) for s in out_sizes)
-        if d_model < 1:
-            raise ValueError(f"red_kernels.nn.PARAVectorGenerator: argument 'd_model' must be >= 1, got {d_model}")
-        if not sizes or any(s < 1 for s in sizes):
+        owner = "PARAVectorGenerator"
+        d_model = positive_int(d_model, "d_model", owner)
+        rank = positive_int(rank, "rank", owner)
+        if not isinstance(out_sizes, Sequence) or isinstance(out_sizes, str) or not out_sizes:
             raise ValueError(
-                "red_kernels.nn.PARAVectorGenerator: argument 'out_sizes' must be positive widths, "
-                f"got {list(out_sizes)}"
+                f"red_kernels.nn.{owner}: argument 'out_sizes' must be a non-empty list of widths, got {out_sizes!r}"
             )
-        if rank < 1:
-            raise ValueError(f"red_kernels.nn.PARAVectorGenerator: argument 'rank' must be >= 1, got {rank}")
+        sizes = tuple(positive_int(s, "out_sizes", owner) for s in out_sizes)
+        floating_dtype(dtype, "dtype", owner)
+        if not isinstance(up_bias, bool):
+            raise ValueError(f"red_kernels.nn.{owner}: argument 'up_bias' must be True or False, got {up_bias!r}")
         activation_code(activation, "nn.PARAVectorGenerator")
         self.d_model, self.out_sizes, self.rank, self.activation, self.backend = (
             d_model,

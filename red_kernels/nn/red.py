@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from red_kernels.nn._checks import floating_dtype, positive_int
 from red_kernels.ops.red_edit import red_edit
 
 
@@ -44,13 +45,10 @@ class REDEdit(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim <= 0:
-            raise ValueError(f"REDEdit: argument 'dim' must be a positive int, got {dim!r}")
+        dim = positive_int(dim, "dim", "REDEdit")
         if not (scale or bias):
-            raise ValueError("REDEdit: at least one of 'scale' and 'bias' must be True")
-        dtype = torch.float32 if dtype is None else dtype
-        if not dtype.is_floating_point:
-            raise ValueError(f"REDEdit: argument 'dtype' must be a floating dtype, got {dtype}")
+            raise ValueError("red_kernels.nn.REDEdit: at least one of arguments 'scale' and 'bias' must be True")
+        dtype = floating_dtype(dtype, "dtype", "REDEdit") or torch.float32
         self.dim = dim
         self.backend = backend
         self.scale = nn.Parameter(torch.empty(dim, dtype=dtype, device=device)) if scale else None
@@ -67,7 +65,9 @@ class REDEdit(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         if h.shape[-1] != self.dim:
-            raise ValueError(f"REDEdit: input has last dim {h.shape[-1]} but the editor has dim {self.dim}")
+            raise ValueError(
+                f"red_kernels.nn.REDEdit: argument 'h' has last dim {h.shape[-1]} but the editor has dim {self.dim}"
+            )
         return red_edit(h, self.scale, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -26,6 +26,17 @@ def goes_straight_to_ext(backend: str, x: object, op: str, implemented: tuple[st
     return resolve(backend, x.device, op, implemented) in EXT_BACKENDS
 
 
+def check_tensor_args(op: str, required: dict[str, object], optional: dict[str, object] | None = None) -> None:
+    """A TypeError naming the argument for a non-tensor, before torch's schema check (whose message
+    names neither the public op nor a fix) sees it."""
+    for name, value in required.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"red_kernels.{op}: argument '{name}' must be a Tensor, got {type(value).__name__}")
+    for name, value in (optional or {}).items():
+        if value is not None and not isinstance(value, Tensor):
+            raise TypeError(f"red_kernels.{op}: argument '{name}' must be a Tensor or None, got {type(value).__name__}")
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp64 stays fp64 (gradcheck), everything else accumulates in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

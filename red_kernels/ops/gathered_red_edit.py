@@ -45,6 +45,7 @@ from red_kernels.ops._common import (
     acc_dtype,
     check_floating,
     check_same_device,
+    check_tensor_args,
     empty_unless,
     goes_straight_to_ext,
     index_bounds,
@@ -350,6 +351,7 @@ def gathered_red_edit(
         ValueError: an id outside ``[-1, K)`` (before any kernel runs), or a shape, dtype or device
             mismatch (the message names the argument).
     """
+    check_tensor_args(OP, {"h": h, "tenant_ids": tenant_ids}, {"scales": scales, "biases": biases})
     backend = requested_backend(backend)
     if goes_straight_to_ext(backend, h, OP, IMPLEMENTED):
         return torch.ops.red_kernels_C.gathered_red_edit(h, scales, biases, tenant_ids)

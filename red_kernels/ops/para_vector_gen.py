@@ -49,7 +49,14 @@ from torch import Tensor
 
 from red_kernels._backend import AUTO, requested_backend, resolve, when_extension_loads
 from red_kernels.ops._activations import ACTIVATIONS, activation_code, activation_grad, apply_activation
-from red_kernels.ops._common import EXT_BACKENDS, check_floating, check_same_device, goes_straight_to_ext, index_bounds
+from red_kernels.ops._common import (
+    EXT_BACKENDS,
+    check_floating,
+    check_same_device,
+    check_tensor_args,
+    goes_straight_to_ext,
+    index_bounds,
+)
 
 OP = "para_vector_gen"
 MAX_RANK = 64  # kParaMaxRank in csrc/para/para_vector_gen.h
@@ -429,6 +436,10 @@ def call_para_op(h, pool_index, w_down, w_up, b_up, tenant_ids, activation: str,
     backends, the call goes through the custom op ``red_kernels::para_vector_gen``, which resolves
     the backend when the graph runs."""
     op = _op_name(tenant_ids)
+    args = {"h": h, "pool_index": pool_index, "w_down": w_down, "w_up": w_up, "b_up": b_up}
+    check_tensor_args(op, args if tenant_ids is None else {**args, "tenant_ids": tenant_ids})
+    if not isinstance(activation, str):
+        raise ValueError(f"red_kernels.{op}: argument 'activation' must be a string, got {activation!r}")
     if goes_straight_to_ext(backend, h, op, _implemented(backend, w_down, op)):
         code = activation_code(activation, op)
         return torch.ops.red_kernels_C.para_vector_gen(h, pool_index, w_down, w_up, b_up, tenant_ids, code)

@@ -30,6 +30,7 @@ from red_kernels._backend import requested_backend, resolve, when_extension_load
 from red_kernels.ops._common import (
     acc_dtype,
     check_floating,
+    check_tensor_args,
     check_vector,
     empty_unless,
     goes_straight_to_ext,
@@ -212,6 +213,7 @@ def red_edit(
     Returns:
         ``[..., d]`` contiguous tensor in h's dtype.
     """
+    check_tensor_args(OP, {"h": h}, {"scale": scale, "bias": bias})
     backend = requested_backend(backend)
     if goes_straight_to_ext(backend, h, OP, IMPLEMENTED):
         return torch.ops.red_kernels_C.red_edit(h, scale, bias)

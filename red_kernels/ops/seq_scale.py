@@ -42,6 +42,7 @@ from red_kernels.ops._common import (
     acc_dtype,
     check_floating,
     check_same_device,
+    check_tensor_args,
     goes_straight_to_ext,
     index_bounds,
 )
@@ -264,6 +265,7 @@ def seq_scale(x: Tensor, vec: Tensor, seq_index: Tensor | None = None, *, backen
         A contiguous tensor shaped and typed like ``x``. Backward: ``grad_x = g * vec[seq]`` and
         ``grad_vec[b] = sum_{rows of b} g * x`` (fp32 accumulation, vec's dtype).
     """
+    check_tensor_args(OP, {"x": x, "vec": vec}, {"seq_index": seq_index})
     backend = requested_backend(backend)
     if goes_straight_to_ext(backend, x, OP, IMPLEMENTED):
         return torch.ops.red_kernels_C.seq_scale(x, vec, seq_index)
