@@ -227,25 +227,30 @@ def test_rank_limit_of_kernels(backend):
     rk.para_vector_gen(h, p, wd, wu, bu, backend="reference")  # the reference has no limit
 
 
-def test_cpp_checks_name_the_argument():
-    """The compiled ops check their arguments and index values too (C++ callers skip Python)."""
+def test_cpp_checks_name_the_op_and_argument():
+    """The compiled ops check their arguments and index values too (C++ callers skip Python); every
+    message reads "red_kernels.<op>: argument '<name>' ...", with the public op's name (the plain
+    or the multi-tenant generator, as the Python checks say it)."""
     if "cpu" not in BACKENDS:
         pytest.skip("compiled extension not built")
     op = torch.ops.red_kernels_C.para_vector_gen
     h, p, wd, wu, bu = (t.detach() for t in make_inputs(3, 5, 8, 4, 6, torch.float32))
-    with pytest.raises(ValueError, match="'pool_index'"):
+    plain, gathered = r"^red_kernels\.para_vector_gen: argument", r"^red_kernels\.gathered_para_vector_gen: argument"
+    with pytest.raises(ValueError, match=f"{plain} 'pool_index' values must lie in"):
         op(h, torch.tensor([0, 7, 1]), wd, wu, bu, None, 0)
-    with pytest.raises(ValueError, match="'tenant_ids'"):
+    with pytest.raises(ValueError, match=f"{gathered} 'tenant_ids' values must lie in"):
         op(h, p, wd[None], wu[None], bu[None], torch.tensor([0, 1, 0]), 0)
-    with pytest.raises(ValueError, match="'w_down'"):
+    with pytest.raises(ValueError, match=f"{plain} 'w_down' must be"):
         op(h, p, torch.stack([wd, wd]), wu, bu, None, 0)  # K = 2 without tenant ids
-    with pytest.raises(ValueError, match="'w_up'"):
+    with pytest.raises(ValueError, match=f"{plain} 'w_up' has shape"):
         op(h, p, wd, wu[:3], bu, None, 0)
-    with pytest.raises(ValueError, match="'b_up'"):
+    with pytest.raises(ValueError, match=f"{plain} 'b_up' has shape"):
         op(h, p, wd, wu, bu[:5], None, 0)
-    with pytest.raises(ValueError, match="'activation'"):
+    with pytest.raises(ValueError, match=f"{plain} 'activation' has unknown activation code 9"):
         op(h, p, wd, wu, bu, None, 9)
-    with pytest.raises(ValueError, match="'grad_out'"):
+    with pytest.raises(ValueError, match=f"{plain} 'w_down' must be float32.*Float8"):
+        rk.para_vector_gen(h, p, *(w.to(torch.float8_e4m3fn) for w in (wd, wu, bu)), backend="cpu")
+    with pytest.raises(ValueError, match=r"^red_kernels\.para_vector_gen_bwd: argument 'grad_out' must have shape"):
         torch.ops.red_kernels_C.para_vector_gen_bwd(torch.randn(3, 5), h, p, wd, wu, bu, None, 0, True, True)
 
 

@@ -310,23 +310,26 @@ def test_bad_index_in_backward_is_caught(backend):
         _seq_scale_backward_op(g, None, v, torch.tensor([0, 1, -2, 0]), True, False, backend)
 
 
-def test_cpp_checks_name_the_argument():
-    """The compiled ops check their arguments too (C++ callers skip the Python layer)."""
+def test_cpp_checks_name_the_op_and_argument():
+    """The compiled ops check their arguments too (C++ callers skip the Python layer); every message
+    reads "red_kernels.<op>: argument '<name>' ...", like the Python checks'."""
     if "cpu" not in BACKENDS:
         pytest.skip("compiled extension not built")
     fwd, bwd = torch.ops.red_kernels_C.seq_scale, torch.ops.red_kernels_C.seq_scale_bwd
     x2, v = torch.randn(4, 8), torch.randn(2, 8)
-    with pytest.raises(ValueError, match="'seq_index'.*entry 2 is 5"):
+    with pytest.raises(ValueError, match=r"^red_kernels\.seq_scale: argument 'seq_index' entry 2 is 5"):
         fwd(x2, v, torch.tensor([0, 1, 5, 0]))
-    with pytest.raises(ValueError, match="'seq_index'"):
+    with pytest.raises(ValueError, match=r"^red_kernels\.seq_scale_bwd: argument 'seq_index' entry 2 is 5"):
         bwd(x2, x2, v, torch.tensor([0, 1, 5, 0]), True, True)
-    with pytest.raises(ValueError, match="'seq_index'"):
+    with pytest.raises(ValueError, match=r"^red_kernels\.seq_scale: argument 'seq_index' must be int64"):
         fwd(x2, v, torch.tensor([0, 1, 1, 0], dtype=torch.int32))
-    with pytest.raises(ValueError, match="'vec'"):
+    with pytest.raises(ValueError, match=r"^red_kernels\.seq_scale: argument 'vec' has width 7"):
         fwd(torch.randn(2, 3, 8), torch.randn(2, 7), None)
-    with pytest.raises(ValueError, match="'x'"):
+    with pytest.raises(ValueError, match=r"^red_kernels\.seq_scale: argument 'x' must be float32.*Float8"):
+        rk.seq_scale(torch.randn(2, 3, 8).to(torch.float8_e5m2), torch.randn(2, 8), backend="cpu")
+    with pytest.raises(ValueError, match=r"^red_kernels\.seq_scale_bwd: argument 'x' is required"):
         bwd(x2, None, v, torch.tensor([0, 1, 1, 0]), True, True)
-    with pytest.raises(ValueError, match="'x'"):
+    with pytest.raises(ValueError, match=r"^red_kernels\.seq_scale_bwd: argument 'x' has dtype"):
         bwd(x2, x2.double(), v, torch.tensor([0, 1, 1, 0]), True, True)
 
 

@@ -37,30 +37,33 @@ at::Tensor red_edit_param(const c10::optional<at::Tensor>& p, int64_t d, const a
 
 void red_edit_check(const at::Tensor& h, const c10::optional<at::Tensor>& scale,
                     const c10::optional<at::Tensor>& bias) {
-  RK_CHECK_ARG(h.dim() >= 1, "h", "expected at least 1 dim [..., d], got a scalar");
-  check_floating(h, "h");
+  constexpr const char* op = "red_edit";
+  RK_CHECK_ARG(h.dim() >= 1, op, "h", "must have at least 1 dim [..., d], got a scalar");
+  check_kernel_dtype(op, h, "h");
   const int64_t d = h.size(-1);
-  check_vector(scale, "scale", d, h);
-  check_vector(bias, "bias", d, h);
+  check_vector(op, scale, "scale", d, h);
+  check_vector(op, bias, "bias", d, h);
   if (scale.has_value() && bias.has_value()) {
-    RK_CHECK_ARG(scale->scalar_type() == bias->scalar_type(), "bias", "dtype ", bias->scalar_type(),
-                 " differs from the dtype of 'scale' (", scale->scalar_type(), ")");
+    RK_CHECK_ARG(scale->scalar_type() == bias->scalar_type(), op, "bias", "has dtype ",
+                 bias->scalar_type(), " but 'scale' has ", scale->scalar_type(),
+                 "; they must match");
   }
 }
 
-void red_edit_bwd_check(const at::Tensor& grad_out, const c10::optional<at::Tensor>& h,
-                        const c10::optional<at::Tensor>& scale, bool need_scale) {
-  RK_CHECK_ARG(grad_out.dim() >= 1, "grad_out", "expected at least 1 dim");
-  check_floating(grad_out, "grad_out");
-  RK_CHECK_ARG(!need_scale || h.has_value(), "h", "is required when need_scale is true");
+void red_edit_bwd_check(const char* op, const at::Tensor& grad_out,
+                        const c10::optional<at::Tensor>& h, const c10::optional<at::Tensor>& scale,
+                        bool need_scale) {
+  RK_CHECK_ARG(grad_out.dim() >= 1, op, "grad_out", "must have at least 1 dim");
+  check_kernel_dtype(op, grad_out, "grad_out");
+  RK_CHECK_ARG(!need_scale || h.has_value(), op, "h", "is required when need_scale is true");
   if (h.has_value()) {
-    RK_CHECK_ARG(h->sizes() == grad_out.sizes(), "h", "shape ", h->sizes(),
-                 " differs from 'grad_out' ", grad_out.sizes());
-    RK_CHECK_ARG(h->scalar_type() == grad_out.scalar_type(), "h", "dtype ", h->scalar_type(),
-                 " differs from 'grad_out' ", grad_out.scalar_type());
-    check_same_device(grad_out, "grad_out", *h, "h");
+    RK_CHECK_ARG(h->sizes() == grad_out.sizes(), op, "h", "has shape ", h->sizes(),
+                 " but 'grad_out' has ", grad_out.sizes());
+    RK_CHECK_ARG(h->scalar_type() == grad_out.scalar_type(), op, "h", "has dtype ",
+                 h->scalar_type(), " but 'grad_out' has ", grad_out.scalar_type());
+    check_same_device(op, grad_out, "grad_out", *h, "h");
   }
-  check_vector(scale, "scale", grad_out.size(-1), grad_out);
+  check_vector(op, scale, "scale", grad_out.size(-1), grad_out);
 }
 
 namespace base {
@@ -106,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& h,
     const c10::optional<at::Tensor>& scale, bool need_h, bool need_scale, bool need_bias,
     at::ScalarType param_dtype) {
-  red_edit_bwd_check(grad_out, h, scale, need_scale);
+  red_edit_bwd_check("red_edit_bwd", grad_out, h, scale, need_scale);
   const int64_t d = grad_out.size(-1);
 
   const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
