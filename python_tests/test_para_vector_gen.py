@@ -187,6 +187,52 @@ def test_compile_fullgraph(backend):
         torch.testing.assert_close(a, b)
 
 
+# --- NaN and inf ----------------------------------------------------------------------------------
+
+
+def _nan_inf_inputs(where, dtype):
+    """Four rows: a NaN, a +inf and a -inf reach the bottleneck through ``where`` (h's pooled rows,
+    or entries of w_down or w_up), and row 3 stays finite when they are in h. r = 8 runs the AVX2
+    down projection for fp32."""
+    h, _, wd, wu, bu = (t.detach() for t in make_inputs(4, 3, 5, 8, 6, dtype))
+    p = torch.tensor([1, 0, 2, 1])
+    specials = (float("nan"), float("inf"), float("-inf"))
+    for i, v in enumerate(specials):
+        if where == "h":
+            h[i, p[i], i] = v
+        elif where == "w_down":
+            wd[i, i] = v
+        else:
+            wu[i, 2 * i] = v
+    return h, p, wd, wu, bu
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("reference", "cpu")])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("where", ["h", "w_down", "w_up"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_nan_inf_like_reference(backend, activation, where, dtype):
+    """NaN and +-inf come out of the forward and every gradient exactly where the reference (autograd
+    through para_vector_gen_reference) puts them; relu must not turn NaN into 0 (the C++ kernels
+    did: relu(NaN) = 0, and relu'(NaN) = 0 where torch passes the gradient). The reference runs in
+    fp64: torch's vectorised fp32 GELU returns NaN for +inf, its scalar path and fp64 return +inf."""
+    h, p, wd, wu, bu = _nan_inf_inputs(where, dtype)
+    params = [t.requires_grad_() for t in (h, wd, wu, bu)]
+    g = torch.randn(4, 6, dtype=dtype)
+    out = rk.para_vector_gen(h, p, wd, wu, bu, activation, backend=backend)
+    grads = torch.autograd.grad(out, params, g)
+    ups = [t.detach().double().requires_grad_() for t in params]
+    ref = rk.para_vector_gen_reference(ups[0], p, *ups[1:], activation)
+    ref_grads = torch.autograd.grad(ref, ups, g.double())
+    assert not ref.isfinite().all(), "the inputs should reach the output"
+    names = ("out", "grad_h", "grad_w_down", "grad_w_up", "grad_b_up")
+    for name, got, want in zip(names, (out, *grads), (ref, *ref_grads)):
+        where = f"{backend} {name}"
+        torch.testing.assert_close(
+            got.double(), want, rtol=1e-4, atol=1e-4, equal_nan=True, msg=lambda m, w=where: f"{w}: {m}"
+        )
+
+
 # --- bad input -------------------------------------------------------------------------------------
 
 
@@ -337,6 +383,19 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-4), dtype
     for a, b in zip(got, want):
         assert torch.allclose(a.to(w), b.to(w), rtol=tol, atol=tol * b.abs().max().item()), dtype
+# NaN, +inf, -inf in the pooled rows (r = 8 and n = 16 fill the AVX2 tiles): as in the fp64 reference.
+for act in ("gelu", "gelu_tanh", "relu", "silu"):
+    h = torch.randn(3, 2, 20)
+    h[:, 1, 0] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    p = torch.ones(3, dtype=torch.int64)
+    args = [t.requires_grad_() for t in (h, torch.randn(20, 8), torch.randn(8, 16), torch.randn(16))]
+    g = torch.randn(3, 16)
+    out = rk.para_vector_gen(args[0], p, *args[1:], act, backend="cpu")
+    got = [out, *torch.autograd.grad(out, args, g)]
+    ups = [t.detach().double().requires_grad_() for t in args]
+    ref = rk.para_vector_gen_reference(ups[0], p, *ups[1:], act)
+    for a, b in zip(got, [ref, *torch.autograd.grad(ref, ups, g.double())]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, equal_nan=True, msg=act)
 print("ok")
 """
 

@@ -83,10 +83,10 @@ RK_HD void para_activate(int act, int r, const A* z, A* a) {
   for (int c = 0; c < r; ++c) a[c] = act_forward<A>(act, z[c]);
 }
 
-// gz[c] = ga[c] * act'(z[c]).
+// gz[c] = ga[c] * act'(z[c]) (see act_backward for NaN and inf).
 template <typename A>
 RK_HD void para_grad_z(int act, int r, const A* z, const A* ga, A* gz) {
-  for (int c = 0; c < r; ++c) gz[c] = ga[c] * act_backward<A>(act, z[c]);
+  for (int c = 0; c < r; ++c) gz[c] = act_backward<A>(act, z[c], ga[c]);
 }
 
 // out[j - j0] = b_up[j] + sum_c a[c] * w_up[c, j] for j in [j0, j1) (wu: one tenant's [r, n],

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from red_kernels._backend import requested_backend, resolve, when_extension_loads
-from red_kernels.ops._activations import ACTIVATIONS, activation_code, activation_grad, apply_activation
+from red_kernels.ops._activations import ACTIVATIONS, activation_backward, activation_code, apply_activation
 from red_kernels.ops._common import EXT_BACKENDS, check_floating, check_same_device, goes_straight_to_ext, index_bounds
 
 OP = "para_vector_gen"
@@ -214,7 +214,7 @@ def _bwd_reference(grad_out, h, pool_index, wd, wu, bu, tenant_ids, act, need_h,
     z = torch.einsum("bd,bdr->br", pooled, wd_rows)
     a = apply_activation(z, name)
     g = grad_out.to(acc) * valid[:, None].to(acc)
-    gz = torch.einsum("bn,brn->br", g, wu[kk].to(acc)) * activation_grad(z, name)
+    gz = activation_backward(torch.einsum("bn,brn->br", g, wu[kk].to(acc)), z, name)
     gh = h.new_empty(0)
     if need_h:
         gh_acc = torch.zeros(h.shape, dtype=acc, device=h.device)
