@@ -13,8 +13,10 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -329,6 +331,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cpu(
   return out.finish(param_dtype);
 }
 
+// gathered_red_edit_bwd's formulas in differentiable ATen ops, for create_graph=True
+// (common/autograd.h). Rows of h's [m, d] view; row i has tenant tenant_ids[i / T].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_differentiable(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& scales,
+    const at::Tensor& tenant_ids, int64_t num_tenants, bool need_h, bool need_scales,
+    bool need_biases, at::ScalarType param_dtype) {
+  const int64_t d = grad_out.size(-1);
+  const int64_t T = gathered_rows_per_unit(grad_out, tenant_ids);
+  const at::Tensor tenant = tenant_ids.reshape({-1, 1}).expand({-1, T}).reshape({-1});  // [m]
+  const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor g = as_rows(grad_out.to(acc));
+  at::Tensor gh, gs, gb;
+  if (need_h) {
+    gh = g;
+    if (scales.defined()) {  // row 0 of the table serves the unedited rows (tenant -1)
+      const at::Tensor table = at::cat({at::ones({1, d}, g.options()), scales.to(acc)});
+      gh = g * table.index_select(0, tenant + 1);
+    }
+    gh = gh.reshape(grad_out.sizes()).to(grad_out.scalar_type());
+  }
+  if (need_scales) {
+    gs = segment_sum(g * as_rows(h.to(acc)), tenant, num_tenants).to(param_dtype);
+  }
+  if (need_biases) gb = segment_sum(g, tenant, num_tenants).to(param_dtype);
+  return {gh, gs, gb};
+}
+
 // Autograd of gathered_red_edit (common/autograd.h says why it is in C++). Saves h only when the
 // scales need a gradient and the scales only when h does, like the custom op in
 // red_kernels/ops/gathered_red_edit.py.
@@ -363,12 +392,19 @@ class GatheredREDEditFunction : public torch::autograd::Function<GatheredREDEdit
     const bool need_h = ctx->needs_input_grad(0);
     const bool need_scales = needs_grad(ctx, has_scales, 1);
     const bool need_biases = needs_grad(ctx, has_biases, has_scales ? 2 : 1);
+    const int64_t num_tenants = ctx->saved_data["num_tenants"].toInt();
+    const auto param_dtype = static_cast<at::ScalarType>(ctx->saved_data["param_dtype"].toInt());
+    if (create_graph_requested()) {
+      auto [gh, gs, gb] =
+          gathered_red_edit_bwd_differentiable(grads[0], saved[0], saved[1], saved[2], num_tenants,
+                                               need_h, need_scales, need_biases, param_dtype);
+      return {gh, gs, gb, at::Tensor()};
+    }
     static const auto op =
         rk_op<decltype(gathered_red_edit_bwd_cpu)>("red_kernels_C::gathered_red_edit_bwd");
     auto [gh, gs, gb] =
-        op.call(grads[0], saved_or_none(saved[0]), saved_or_none(saved[1]), saved[2],
-                ctx->saved_data["num_tenants"].toInt(), need_h, need_scales, need_biases,
-                static_cast<at::ScalarType>(ctx->saved_data["param_dtype"].toInt()));
+        op.call(grads[0], saved_or_none(saved[0]), saved_or_none(saved[1]), saved[2], num_tenants,
+                need_h, need_scales, need_biases, param_dtype);
     return {take_grad(need_h, gh), take_grad(need_scales, gs), take_grad(need_biases, gb),
             at::Tensor()};
   }

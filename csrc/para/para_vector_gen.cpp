@@ -11,15 +11,27 @@
 #include "para/para_vector_gen.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/TensorIndexing.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/argsort.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/erf.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/nonzero.h>
 #include <ATen/ops/ones_like.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/silu.h>
 #include <ATen/ops/stack.h>
+#include <ATen/ops/tanh.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -327,6 +339,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cpu(
   return {grad_h, gwd, gwu, gbu};
 }
 
+// The activation and the gradient through it (act_forward / act_backward of activations.h) in
+// differentiable ATen ops, for the create_graph backward below.
+at::Tensor act_forward_aten(int64_t act, const at::Tensor& z) {
+  if (act == kGelu) return at::gelu(z);
+  if (act == kGeluTanh) return at::gelu(z, "tanh");
+  if (act == kRelu) return at::relu(z);
+  return at::silu(z);
+}
+
+at::Tensor act_backward_aten(int64_t act, const at::Tensor& z, const at::Tensor& g) {
+  if (act == kRelu) return at::where(z <= 0, at::zeros_like(g), g);
+  if (act == kSilu) {
+    const at::Tensor s = at::sigmoid(z);
+    return g * (s * (1 + z * (1 - s)));
+  }
+  if (act == kGelu) {
+    constexpr double kInvSqrt2 = 0.70710678118654752440, kInvSqrt2Pi = 0.39894228040143267794;
+    return g * (0.5 * (1 + at::erf(z * kInvSqrt2)) + z * kInvSqrt2Pi * at::exp(-0.5 * z * z));
+  }
+  constexpr double kSqrt2OverPi = 0.79788456080286535588, kCoef = 0.044715;  // kGeluTanh
+  const at::Tensor t = at::tanh(kSqrt2OverPi * (z + kCoef * z * z * z));
+  return g * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * kSqrt2OverPi * (1 + 3 * kCoef * z * z));
+}
+
+// para_vector_gen_bwd's formulas (para_vector_gen.h) in differentiable ATen ops, for
+// create_graph=True (common/autograd.h). Gathered form throughout (the plain op is K = 1); only
+// rows with a generator enter, so rows of tenant -1 read no weights and keep zero gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_differentiable(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& pool_index,
+    const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& b_up,
+    const at::Tensor& tenant_ids, int64_t activation, bool need_h, bool need_w) {
+  const bool plain = !tenant_ids.defined();
+  const auto acc = h.scalar_type() == at::kDouble || w_up.scalar_type() == at::kDouble ? at::kDouble
+                                                                                       : at::kFloat;
+  const at::Tensor wd = (plain ? w_down.unsqueeze(0) : w_down).to(acc);  // [K, d, r]
+  const at::Tensor wu = (plain ? w_up.unsqueeze(0) : w_up).to(acc);      // [K, r, n]
+  const at::Tensor rows = plain ? at::arange(h.size(0), pool_index.options())
+                                : at::nonzero(tenant_ids >= 0).squeeze(1);  // [M]
+  const at::Tensor k = plain ? at::zeros_like(rows) : tenant_ids.index_select(0, rows);
+  const at::Tensor pos = pool_index.index_select(0, rows);
+  const at::Tensor wd_b = wd.index_select(0, k), wu_b = wu.index_select(0, k);
+  const at::Tensor x = h.index({rows, pos}).to(acc);              // [M, d] pooled rows
+  const at::Tensor z = at::bmm(x.unsqueeze(1), wd_b).squeeze(1);  // [M, r]
+  const at::Tensor g = grad_out.index_select(0, rows).to(acc);    // [M, n]
+  const at::Tensor gz = act_backward_aten(activation, z, at::bmm(wu_b, g.unsqueeze(2)).squeeze(2));
+  at::Tensor gh, gwd, gwu, gbu;
+  if (need_h) {
+    gh = at::zeros(h.sizes(), h.options().dtype(acc));
+    gh.index_put_({rows, pos}, at::bmm(wd_b, gz.unsqueeze(2)).squeeze(2));
+    gh = gh.to(h.scalar_type());
+  }
+  if (need_w) {
+    // Each tenant's sum over its rows, in the weight's shape and dtype.
+    const auto per_tenant = [&](const at::Tensor& per_row, const at::Tensor& like) {
+      return segment_sum(per_row.flatten(1), k, wd.size(0))
+          .reshape(like.sizes())
+          .to(like.scalar_type());
+    };
+    gwd = per_tenant(x.unsqueeze(2) * gz.unsqueeze(1), w_down);
+    gwu = per_tenant(act_forward_aten(activation, z).unsqueeze(2) * g.unsqueeze(1), w_up);
+    gbu = per_tenant(g, b_up);
+  }
+  return {gh, gwd, gwu, gbu};
+}
+
 // Autograd of para_vector_gen (common/autograd.h says why it is in C++); the kernels below it
 // are the CPU or CUDA ones.
 class ParaVectorGenFunction : public torch::autograd::Function<ParaVectorGenFunction> {
@@ -348,6 +425,16 @@ class ParaVectorGenFunction : public torch::autograd::Function<ParaVectorGenFunc
     const bool need_h = ctx->needs_input_grad(0);
     const bool need_w =
         ctx->needs_input_grad(2) || ctx->needs_input_grad(3) || ctx->needs_input_grad(4);
+    if (create_graph_requested()) {
+      auto [gh, gwd, gwu, gbu] =
+          para_bwd_differentiable(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                                  saved[5], ctx->saved_data["activation"].toInt(), need_h, need_w);
+      const auto need = [&](size_t i, at::Tensor& t) {
+        return ctx->needs_input_grad(i) ? t : at::Tensor();
+      };
+      return {gh,           at::Tensor(), need(2, gwd), need(3, gwu),
+              need(4, gbu), at::Tensor(), at::Tensor()};
+    }
     static const auto op = rk_op<decltype(para_bwd_cpu)>("red_kernels_C::para_vector_gen_bwd");
     auto [gh, gwd, gwu, gbu] =
         op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved_or_none(saved[5]),

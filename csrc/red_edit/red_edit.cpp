@@ -169,6 +169,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_cpu(
   return {grad_h, sum_gh.to(param_dtype), sum_g.to(param_dtype)};
 }
 
+// red_edit_bwd's formulas in differentiable ATen ops, for create_graph=True (common/autograd.h).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_differentiable(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& scale, bool need_h,
+    bool need_scale, bool need_bias, at::ScalarType param_dtype) {
+  const at::Tensor g =
+      grad_out.to(grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor gh, gs, gb;
+  if (need_h) gh = (scale.defined() ? g * scale.to(g.scalar_type()) : g).to(grad_out.scalar_type());
+  if (need_scale) gs = sum_leading(g * h.to(g.scalar_type())).to(param_dtype);
+  if (need_bias) gb = sum_leading(g).to(param_dtype);
+  return {gh, gs, gb};
+}
+
 // Autograd of red_edit (common/autograd.h says why it is in C++). Saves h only when scale needs a
 // gradient and scale only when h does, like the custom op in red_kernels/ops/red_edit.py.
 class REDEditFunction : public torch::autograd::Function<REDEditFunction> {
@@ -197,10 +210,15 @@ class REDEditFunction : public torch::autograd::Function<REDEditFunction> {
     const bool need_h = ctx->needs_input_grad(0);
     const bool need_scale = needs_grad(ctx, has_scale, 1);
     const bool need_bias = needs_grad(ctx, has_bias, has_scale ? 2 : 1);
+    const auto param_dtype = static_cast<at::ScalarType>(ctx->saved_data["param_dtype"].toInt());
+    if (create_graph_requested()) {
+      auto [gh, gs, gb] = red_edit_bwd_differentiable(grads[0], saved[0], saved[1], need_h,
+                                                      need_scale, need_bias, param_dtype);
+      return {gh, gs, gb};
+    }
     static const auto op = rk_op<decltype(red_edit_bwd_cpu)>("red_kernels_C::red_edit_bwd");
-    auto [gh, gs, gb] =
-        op.call(grads[0], saved_or_none(saved[0]), saved_or_none(saved[1]), need_h, need_scale,
-                need_bias, static_cast<at::ScalarType>(ctx->saved_data["param_dtype"].toInt()));
+    auto [gh, gs, gb] = op.call(grads[0], saved_or_none(saved[0]), saved_or_none(saved[1]), need_h,
+                                need_scale, need_bias, param_dtype);
     return {take_grad(need_h, gh), take_grad(need_scale, gs), take_grad(need_bias, gb)};
   }
 };

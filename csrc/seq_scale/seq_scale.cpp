@@ -273,6 +273,27 @@ std::tuple<at::Tensor, at::Tensor> seq_scale_bwd_cpu(const at::Tensor& grad_out,
   return {grad_x, sum.to(vec.scalar_type())};
 }
 
+// seq_scale_bwd's formulas in differentiable ATen ops, for create_graph=True (common/autograd.h).
+std::tuple<at::Tensor, at::Tensor> seq_scale_bwd_differentiable(const at::Tensor& grad_out,
+                                                                const at::Tensor& x,
+                                                                const at::Tensor& vec,
+                                                                const at::Tensor& seq_index,
+                                                                bool need_x, bool need_vec) {
+  const at::Tensor g =
+      grad_out.to(grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const bool packed = seq_index.defined();
+  at::Tensor gx, gv;
+  if (need_x) {
+    const at::Tensor v = vec.to(g.scalar_type());
+    gx = (g * (packed ? v.index_select(0, seq_index) : v.unsqueeze(1))).to(grad_out.scalar_type());
+  }
+  if (need_vec) {
+    const at::Tensor gxs = g * x.to(g.scalar_type());
+    gv = (packed ? segment_sum(gxs, seq_index, vec.size(0)) : gxs.sum(1)).to(vec.scalar_type());
+  }
+  return {gx, gv};
+}
+
 // Autograd of seq_scale (common/autograd.h says why it is in C++). Saves x only when vec needs a
 // gradient, like the custom op in red_kernels/ops/seq_scale.py.
 class SeqScaleFunction : public torch::autograd::Function<SeqScaleFunction> {
@@ -289,6 +310,11 @@ class SeqScaleFunction : public torch::autograd::Function<SeqScaleFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const bool need_x = ctx->needs_input_grad(0), need_vec = ctx->needs_input_grad(1);
+    if (create_graph_requested()) {
+      auto [gx, gv] =
+          seq_scale_bwd_differentiable(grads[0], saved[0], saved[1], saved[2], need_x, need_vec);
+      return {gx, gv, at::Tensor()};
+    }
     static const auto op = rk_op<decltype(seq_scale_bwd_cpu)>("red_kernels_C::seq_scale_bwd");
     auto [gx, gv] = op.call(grads[0], saved_or_none(saved[0]), saved[1], saved_or_none(saved[2]),
                             need_x, need_vec);
