@@ -166,3 +166,56 @@ def test_leaf_grad_is_not_cloned(op):
     x.register_hook(lambda g: seen.append(g.data_ptr()))
     case["public"](*case["args"]).sum().backward()
     assert seen == [x.grad.data_ptr()]
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_create_graph_takes_the_differentiable_backward(op):
+    """Under create_graph=True the C++ backward builds its gradients from differentiable ATen ops
+    (they join the new graph and agree with the kernels' gradients); without it, the kernels run and
+    the gradients are plain tensors (no graph, nothing of the differentiable path's cost)."""
+    case = CASES[op]()
+    args = [a.detach().double().requires_grad_() for a in case["args"]]
+    out = case["public"](*args)
+    assert case["node"] in out.grad_fn.name()
+    g = torch.randn_like(out)
+    plain = torch.autograd.grad(out, args, g, retain_graph=True)
+    graph = torch.autograd.grad(out, args, g, create_graph=True)
+    assert not any(t.requires_grad for t in plain)
+    assert any(t.requires_grad for t in graph)
+    for a, b in zip(plain, graph):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_create_graph_keeps_nan_and_inf_where_the_kernels_do():
+    """The create_graph backward gives the kernels' gradients also with NaN/inf inputs: a NaN in one
+    sequence's or tenant's rows stays in that one's gradient (a one-hot matmul would spread it to
+    all as 0 * NaN), PARA rows of tenant -1 read no weights (an inf in an absent tenant's generator
+    stays out), and a bank with no tenant (K = 0) works."""
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(6, 8, **f64)
+    x[1, 3] = float("nan")
+    idx = torch.tensor([1, 0, 1, 1, 2, 0])
+    h, p = torch.randn(3, 2, 8, **f64), torch.tensor([1, 0, 1])
+    wd, wu, bu = torch.randn(2, 8, 4, **f64), torch.randn(2, 4, 5, **f64), torch.randn(2, 5, **f64)
+    wd[0, 2, 1] = float("inf")
+    empty = (torch.empty(0, 8, 4, **f64), torch.empty(0, 4, 5, **f64), torch.empty(0, 5, **f64))
+    cases = [
+        (lambda a, b: rk.seq_scale(a, b, idx, backend="cpu"), (x, torch.randn(3, 8, **f64))),
+        (lambda a, b: rk.gathered_red_edit(a, b, None, idx - 1, backend="cpu"), (x, torch.randn(2, 8, **f64))),
+        (
+            lambda *a: rk.gathered_para_vector_gen(a[0], p, *a[1:], torch.tensor([1, -1, 1]), backend="cpu"),
+            (h, wd, wu, bu),
+        ),
+        (lambda *a: rk.gathered_para_vector_gen(a[0], p, *a[1:], torch.full((3,), -1), backend="cpu"), (h, *empty)),
+    ]
+    for fn, args in cases:
+        args = [a.clone().requires_grad_() for a in args]
+        out = fn(*args)
+        g = torch.randn_like(out)
+        plain = torch.autograd.grad(out, args, g, retain_graph=True, allow_unused=True)
+        graph = torch.autograd.grad(out, args, g, create_graph=True, allow_unused=True)
+        for a, b in zip(plain, graph):
+            if a is None or b is None:
+                assert a is None and b is None or not (a if a is not None else b).any()
+                continue
+            torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12, equal_nan=True)

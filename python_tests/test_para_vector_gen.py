@@ -163,6 +163,20 @@ def test_gradcheck(backend, activation):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradgradcheck(backend, activation):
+    """Double backward (create_graph=True: gradient penalties, Hessian-vector products) is correct on
+    every backend: the backward then computes differentiable formulas instead of calling the
+    kernels, whose results autograd cannot see through (cpu returned zero second derivatives with a
+    warning, the Python backends raised)."""
+    h, p, wd, wu, bu = make_inputs(2, 3, 4, 2, 3, torch.float64)
+    p = torch.tensor([2, 0])
+    assert torch.autograd.gradgradcheck(
+        lambda *a: rk.para_vector_gen(a[0], p, *a[1:], activation, backend=backend), (h, wd, wu, bu)
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     h, p, wd, wu, bu = make_inputs(3, 4, 16, 5, 12, torch.float32)
     torch.library.opcheck(_para_op, (h, p, wd, wu, bu, None, "gelu", backend))
@@ -194,6 +208,52 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(got, want)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b)
+
+
+# --- NaN and inf ----------------------------------------------------------------------------------
+
+
+def _nan_inf_inputs(where, dtype):
+    """Four rows: a NaN, a +inf and a -inf reach the bottleneck through ``where`` (h's pooled rows,
+    or entries of w_down or w_up), and row 3 stays finite when they are in h. r = 8 runs the AVX2
+    down projection for fp32."""
+    h, _, wd, wu, bu = (t.detach() for t in make_inputs(4, 3, 5, 8, 6, dtype))
+    p = torch.tensor([1, 0, 2, 1])
+    specials = (float("nan"), float("inf"), float("-inf"))
+    for i, v in enumerate(specials):
+        if where == "h":
+            h[i, p[i], i] = v
+        elif where == "w_down":
+            wd[i, i] = v
+        else:
+            wu[i, 2 * i] = v
+    return h, p, wd, wu, bu
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("reference", "cpu")])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("where", ["h", "w_down", "w_up"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_nan_inf_like_reference(backend, activation, where, dtype):
+    """NaN and +-inf come out of the forward and every gradient exactly where the reference (autograd
+    through para_vector_gen_reference) puts them; relu must not turn NaN into 0 (the C++ kernels
+    did: relu(NaN) = 0, and relu'(NaN) = 0 where torch passes the gradient). The reference runs in
+    fp64: torch's vectorised fp32 GELU returns NaN for +inf, its scalar path and fp64 return +inf."""
+    h, p, wd, wu, bu = _nan_inf_inputs(where, dtype)
+    params = [t.requires_grad_() for t in (h, wd, wu, bu)]
+    g = torch.randn(4, 6, dtype=dtype)
+    out = rk.para_vector_gen(h, p, wd, wu, bu, activation, backend=backend)
+    grads = torch.autograd.grad(out, params, g)
+    ups = [t.detach().double().requires_grad_() for t in params]
+    ref = rk.para_vector_gen_reference(ups[0], p, *ups[1:], activation)
+    ref_grads = torch.autograd.grad(ref, ups, g.double())
+    assert not ref.isfinite().all(), "the inputs should reach the output"
+    names = ("out", "grad_h", "grad_w_down", "grad_w_up", "grad_b_up")
+    for name, got, want in zip(names, (out, *grads), (ref, *ref_grads)):
+        where = f"{backend} {name}"
+        torch.testing.assert_close(
+            got.double(), want, rtol=1e-4, atol=1e-4, equal_nan=True, msg=lambda m, w=where: f"{w}: {m}"
+        )
 
 
 # --- bad input -------------------------------------------------------------------------------------
@@ -265,25 +325,30 @@ def test_module_with_a_rank_above_the_kernels():
     assert gen.w_down.grad.abs().sum() > 0 and h.grad.abs().sum() > 0
 
 
-def test_cpp_checks_name_the_argument():
-    """The compiled ops check their arguments and index values too (C++ callers skip Python)."""
+def test_cpp_checks_name_the_op_and_argument():
+    """The compiled ops check their arguments and index values too (C++ callers skip Python); every
+    message reads "red_kernels.<op>: argument '<name>' ...", with the public op's name (the plain
+    or the multi-tenant generator, as the Python checks say it)."""
     if "cpu" not in BACKENDS:
         pytest.skip("compiled extension not built")
     op = torch.ops.red_kernels_C.para_vector_gen
     h, p, wd, wu, bu = (t.detach() for t in make_inputs(3, 5, 8, 4, 6, torch.float32))
-    with pytest.raises(ValueError, match="'pool_index'"):
+    plain, gathered = r"^red_kernels\.para_vector_gen: argument", r"^red_kernels\.gathered_para_vector_gen: argument"
+    with pytest.raises(ValueError, match=f"{plain} 'pool_index' values must lie in"):
         op(h, torch.tensor([0, 7, 1]), wd, wu, bu, None, 0)
-    with pytest.raises(ValueError, match="'tenant_ids'"):
+    with pytest.raises(ValueError, match=f"{gathered} 'tenant_ids' values must lie in"):
         op(h, p, wd[None], wu[None], bu[None], torch.tensor([0, 1, 0]), 0)
-    with pytest.raises(ValueError, match="'w_down'"):
+    with pytest.raises(ValueError, match=f"{plain} 'w_down' must be"):
         op(h, p, torch.stack([wd, wd]), wu, bu, None, 0)  # K = 2 without tenant ids
-    with pytest.raises(ValueError, match="'w_up'"):
+    with pytest.raises(ValueError, match=f"{plain} 'w_up' has shape"):
         op(h, p, wd, wu[:3], bu, None, 0)
-    with pytest.raises(ValueError, match="'b_up'"):
+    with pytest.raises(ValueError, match=f"{plain} 'b_up' has shape"):
         op(h, p, wd, wu, bu[:5], None, 0)
-    with pytest.raises(ValueError, match="'activation'"):
+    with pytest.raises(ValueError, match=f"{plain} 'activation' has unknown activation code 9"):
         op(h, p, wd, wu, bu, None, 9)
-    with pytest.raises(ValueError, match="'grad_out'"):
+    with pytest.raises(ValueError, match=f"{plain} 'w_down' must be float32.*Float8"):
+        rk.para_vector_gen(h, p, *(w.to(torch.float8_e4m3fn) for w in (wd, wu, bu)), backend="cpu")
+    with pytest.raises(ValueError, match=r"^red_kernels\.para_vector_gen_bwd: argument 'grad_out' must have shape"):
         torch.ops.red_kernels_C.para_vector_gen_bwd(torch.randn(3, 5), h, p, wd, wu, bu, None, 0, True, True)
 
 
@@ -426,6 +491,19 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-4), dtype
     for a, b in zip(got, want):
         assert torch.allclose(a.to(w), b.to(w), rtol=tol, atol=tol * b.abs().max().item()), dtype
+# NaN, +inf, -inf in the pooled rows (r = 8 and n = 16 fill the AVX2 tiles): as in the fp64 reference.
+for act in ("gelu", "gelu_tanh", "relu", "silu"):
+    h = torch.randn(3, 2, 20)
+    h[:, 1, 0] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    p = torch.ones(3, dtype=torch.int64)
+    args = [t.requires_grad_() for t in (h, torch.randn(20, 8), torch.randn(8, 16), torch.randn(16))]
+    g = torch.randn(3, 16)
+    out = rk.para_vector_gen(args[0], p, *args[1:], act, backend="cpu")
+    got = [out, *torch.autograd.grad(out, args, g)]
+    ups = [t.detach().double().requires_grad_() for t in args]
+    ref = rk.para_vector_gen_reference(ups[0], p, *ups[1:], act)
+    for a, b in zip(got, [ref, *torch.autograd.grad(ref, ups, g.double())]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, equal_nan=True, msg=act)
 print("ok")
 """
 

@@ -177,6 +177,18 @@ def test_gradcheck(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_gradgradcheck(backend):
+    """Double backward (create_graph=True: gradient penalties, Hessian-vector products) is correct on
+    every backend: the backward then computes differentiable formulas instead of calling the
+    kernels, whose results autograd cannot see through (cpu returned zero second derivatives with a
+    warning, the Python backends raised)."""
+    h, scale, bias = _inputs((3, 4, 5), torch.float64)
+    assert torch.autograd.gradgradcheck(lambda *a: rk.red_edit(*a, backend=backend), (h, scale, bias))
+    assert torch.autograd.gradgradcheck(lambda a, b: rk.red_edit(a, b, None, backend=backend), (h, scale))
+    assert torch.autograd.gradgradcheck(lambda a, c: rk.red_edit(a, None, c, backend=backend), (h, bias))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     h, scale, bias = _inputs((3, 4, 16), torch.float32)
     torch.library.opcheck(_red_edit_op, (h, scale, bias, backend))
@@ -321,17 +333,22 @@ def test_bad_inputs(backend):
             rk.red_edit(*args, backend=backend)
 
 
-def test_cpp_checks_name_the_argument():
-    """The compiled ops check their arguments too (C++ callers skip the Python layer)."""
+def test_cpp_checks_name_the_op_and_argument():
+    """The compiled ops check their arguments too (C++ callers skip the Python layer); every message
+    reads "red_kernels.<op>: argument '<name>' ...", like the Python checks'."""
     if "cpu" not in BACKENDS:
         pytest.skip("compiled extension not built")
-    op = torch.ops.red_kernels_C.red_edit
-    with pytest.raises(ValueError, match="'scale'"):
+    op, bwd = torch.ops.red_kernels_C.red_edit, torch.ops.red_kernels_C.red_edit_bwd
+    with pytest.raises(ValueError, match=r"^red_kernels\.red_edit: argument 'scale' has size 7"):
         op(torch.randn(4, 8), torch.ones(7), None)
-    with pytest.raises(ValueError, match="'bias'"):
+    with pytest.raises(ValueError, match=r"^red_kernels\.red_edit: argument 'bias' has dtype"):
         op(torch.randn(4, 8), torch.ones(8), torch.zeros(8, dtype=torch.float64))
-    with pytest.raises(ValueError, match="'h'"):
+    with pytest.raises(ValueError, match=r"^red_kernels\.red_edit: argument 'h' must be float32"):
         op(torch.ones(4, 8, dtype=torch.int32), None, None)
+    with pytest.raises(ValueError, match=r"^red_kernels\.red_edit: argument 'h' must be float32.*Float8"):
+        rk.red_edit(torch.randn(4, 8).to(torch.float8_e4m3fn), torch.ones(8), None, backend="cpu")
+    with pytest.raises(ValueError, match=r"^red_kernels\.red_edit_bwd: argument 'h' has shape"):
+        bwd(torch.randn(4, 8), torch.randn(4, 7), torch.ones(8), True, True, True, torch.float32)
 
 
 # --- GPU --------------------------------------------------------------------------------------------

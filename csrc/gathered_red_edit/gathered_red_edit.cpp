@@ -13,8 +13,10 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -33,64 +35,71 @@ namespace red_kernels {
 
 namespace {
 
+constexpr const char* kFwdOp = "gathered_red_edit";
+constexpr const char* kBwdOp = "gathered_red_edit_bwd";
+
 // A [K, d] tenant table of an op whose activations have last dim d.
-void check_table(const c10::optional<at::Tensor>& p, const char* name, int64_t d,
+void check_table(const char* op, const c10::optional<at::Tensor>& p, const char* name, int64_t d,
                  const at::Tensor& h) {
   if (!p.has_value()) return;
-  RK_CHECK_ARG(p->dim() == 2, name, "expected a 2-D tensor [num_tenants, ", d, "], got shape ",
+  RK_CHECK_ARG(p->dim() == 2, op, name, "must be a 2-D tensor [num_tenants, ", d, "], got shape ",
                p->sizes());
-  RK_CHECK_ARG(p->size(1) == d, name, "has ", p->size(1), " columns but the last dim of 'h' is ",
-               d);
-  check_floating(*p, name);
-  check_same_device(h, "h", *p, name);
+  RK_CHECK_ARG(p->size(1) == d, op, name, "has ", p->size(1),
+               " columns but the last dim of 'h' is ", d);
+  check_floating(op, *p, name);
+  check_same_device(op, h, "h", *p, name);
 }
 
-void check_ids(const at::Tensor& ids, const at::Tensor& h, const char* h_name) {
-  RK_CHECK_ARG(ids.scalar_type() == at::kLong, "tenant_ids", "expected int64, got ",
+void check_ids(const char* op, const at::Tensor& ids, const at::Tensor& h, const char* h_name) {
+  RK_CHECK_ARG(ids.scalar_type() == at::kLong, op, "tenant_ids", "must be int64, got ",
                ids.scalar_type());
-  RK_CHECK_ARG(ids.dim() >= 1 && ids.dim() < h.dim(), "tenant_ids", "expected shape ",
+  RK_CHECK_ARG(ids.dim() >= 1 && ids.dim() < h.dim(), op, "tenant_ids", "must have shape ",
                h.sizes().slice(0, 1), " (one id per sequence) or a longer prefix of '", h_name,
                "'.shape[:-1] (one per token), got ", ids.sizes());
-  RK_CHECK_ARG(ids.sizes() == h.sizes().slice(0, ids.dim()), "tenant_ids", "shape ", ids.sizes(),
-               " is not a prefix of '", h_name, "'.shape[:-1] = ", h.sizes().slice(0, h.dim() - 1));
-  check_same_device(h, h_name, ids, "tenant_ids");
+  RK_CHECK_ARG(ids.sizes() == h.sizes().slice(0, ids.dim()), op, "tenant_ids", "shape ",
+               ids.sizes(), " is not a prefix of '", h_name,
+               "'.shape[:-1] = ", h.sizes().slice(0, h.dim() - 1));
+  check_same_device(op, h, h_name, ids, "tenant_ids");
 }
 
 }  // namespace
 
 int64_t gathered_num_tenants(const c10::optional<at::Tensor>& scales,
                              const c10::optional<at::Tensor>& biases) {
-  RK_CHECK_ARG(scales.has_value() || biases.has_value(), "scales",
-               "'scales' and 'biases' are both None; at least one is needed (it defines the "
-               "number of tenants)");
+  RK_CHECK_ARG(scales.has_value() || biases.has_value(), kFwdOp, "scales",
+               "and 'biases' are both None; at least one is needed (it defines the number of "
+               "tenants)");
   return scales.has_value() ? scales->size(0) : biases->size(0);
 }
 
 void gathered_check(const at::Tensor& h, const c10::optional<at::Tensor>& scales,
                     const c10::optional<at::Tensor>& biases, const at::Tensor& tenant_ids) {
-  check_floating(h, "h");
-  RK_CHECK_ARG(h.dim() >= 2, "h", "expected at least 2 dims [units, ..., d] (the leading dims are ",
-               "indexed by 'tenant_ids'), got shape ", h.sizes());
+  constexpr const char* op = kFwdOp;
+  check_kernel_dtype(op, h, "h");
+  RK_CHECK_ARG(h.dim() >= 2, op, "h",
+               "must have at least 2 dims [units, ..., d] (the leading dims are indexed by "
+               "'tenant_ids'), got shape ",
+               h.sizes());
   const int64_t d = h.size(-1);
-  check_table(scales, "scales", d, h);
-  check_table(biases, "biases", d, h);
+  check_table(op, scales, "scales", d, h);
+  check_table(op, biases, "biases", d, h);
   gathered_num_tenants(scales, biases);
   if (scales.has_value() && biases.has_value()) {
-    RK_CHECK_ARG(biases->size(0) == scales->size(0), "biases", "has ", biases->size(0),
+    RK_CHECK_ARG(biases->size(0) == scales->size(0), op, "biases", "has ", biases->size(0),
                  " tenants (rows) but 'scales' has ", scales->size(0));
-    RK_CHECK_ARG(scales->scalar_type() == biases->scalar_type(), "biases", "dtype ",
-                 biases->scalar_type(), " differs from the dtype of 'scales' (",
-                 scales->scalar_type(), ")");
+    RK_CHECK_ARG(scales->scalar_type() == biases->scalar_type(), op, "biases", "has dtype ",
+                 biases->scalar_type(), " but 'scales' has ", scales->scalar_type(),
+                 "; they must match");
   }
-  check_ids(tenant_ids, h, "h");
+  check_ids(op, tenant_ids, h, "h");
 }
 
-void gathered_check_id_values(const at::Tensor& ids_cpu, int64_t num_tenants) {
+void gathered_check_id_values(const char* op, const at::Tensor& ids_cpu, int64_t num_tenants) {
   const int64_t* p = ids_cpu.const_data_ptr<int64_t>();
   const int64_t n = ids_cpu.numel();
   for (int64_t i = 0; i < n; ++i) {
-    RK_CHECK_ARG(p[i] >= -1 && p[i] < num_tenants, "tenant_ids", "value ", p[i],
-                 " at flat position ", i, " is outside [-1, ", num_tenants,
+    RK_CHECK_ARG(p[i] >= -1 && p[i] < num_tenants, op, "tenant_ids", "has value ", p[i],
+                 " at flat position ", i, ", outside [-1, ", num_tenants,
                  ") (-1 = unedited, else a row of 'scales'/'biases')");
   }
 }
@@ -98,16 +107,17 @@ void gathered_check_id_values(const at::Tensor& ids_cpu, int64_t num_tenants) {
 void gathered_bwd_check(const at::Tensor& grad_out, const c10::optional<at::Tensor>& h,
                         const c10::optional<at::Tensor>& scales, const at::Tensor& tenant_ids,
                         int64_t num_tenants, bool need_scales) {
-  red_edit_bwd_check(grad_out, h, c10::nullopt, need_scales);
-  RK_CHECK_ARG(grad_out.dim() >= 2, "grad_out", "expected at least 2 dims, got shape ",
+  constexpr const char* op = kBwdOp;
+  red_edit_bwd_check(op, grad_out, h, c10::nullopt, need_scales);
+  RK_CHECK_ARG(grad_out.dim() >= 2, op, "grad_out", "must have at least 2 dims, got shape ",
                grad_out.sizes());
-  RK_CHECK_ARG(num_tenants >= 0, "num_tenants", "must be >= 0, got ", num_tenants);
-  check_table(scales, "scales", grad_out.size(-1), grad_out);
+  RK_CHECK_ARG(num_tenants >= 0, op, "num_tenants", "must be >= 0, got ", num_tenants);
+  check_table(op, scales, "scales", grad_out.size(-1), grad_out);
   if (scales.has_value()) {
-    RK_CHECK_ARG(scales->size(0) == num_tenants, "scales", "has ", scales->size(0),
+    RK_CHECK_ARG(scales->size(0) == num_tenants, op, "scales", "has ", scales->size(0),
                  " tenants (rows) but num_tenants is ", num_tenants);
   }
-  check_ids(tenant_ids, grad_out, "grad_out");
+  check_ids(op, tenant_ids, grad_out, "grad_out");
 }
 
 GatheredGrads gathered_bwd_outputs(const at::Tensor& grad_out, int64_t num_tenants, bool need_h,
@@ -206,7 +216,7 @@ at::Tensor gathered_red_edit_fwd_cpu(const at::Tensor& h, const c10::optional<at
   gathered_check(h, scales, biases, tenant_ids);
   const int64_t K = gathered_num_tenants(scales, biases);
   const at::Tensor ids = tenant_ids.contiguous();
-  gathered_check_id_values(ids, K);
+  gathered_check_id_values(kFwdOp, ids, K);
   const int64_t d = h.size(-1);
   at::Tensor out = empty_output(h.sizes(), h.options());
   if (out.numel() == 0) return out;
@@ -251,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cpu(
   gathered_bwd_check(grad_out, h, scales, tenant_ids, num_tenants, need_scales);
   const int64_t K = num_tenants;
   const at::Tensor ids = tenant_ids.contiguous();
-  gathered_check_id_values(ids, K);
+  gathered_check_id_values(kBwdOp, ids, K);
   const int64_t d = grad_out.size(-1);
   const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = grad_out.options();
@@ -321,6 +331,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cpu(
   return out.finish(param_dtype);
 }
 
+// gathered_red_edit_bwd's formulas in differentiable ATen ops, for create_graph=True
+// (common/autograd.h). Rows of h's [m, d] view; row i has tenant tenant_ids[i / T].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_differentiable(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& scales,
+    const at::Tensor& tenant_ids, int64_t num_tenants, bool need_h, bool need_scales,
+    bool need_biases, at::ScalarType param_dtype) {
+  const int64_t d = grad_out.size(-1);
+  const int64_t T = gathered_rows_per_unit(grad_out, tenant_ids);
+  const at::Tensor tenant = tenant_ids.reshape({-1, 1}).expand({-1, T}).reshape({-1});  // [m]
+  const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor g = as_rows(grad_out.to(acc));
+  at::Tensor gh, gs, gb;
+  if (need_h) {
+    gh = g;
+    if (scales.defined()) {  // row 0 of the table serves the unedited rows (tenant -1)
+      const at::Tensor table = at::cat({at::ones({1, d}, g.options()), scales.to(acc)});
+      gh = g * table.index_select(0, tenant + 1);
+    }
+    gh = gh.reshape(grad_out.sizes()).to(grad_out.scalar_type());
+  }
+  if (need_scales) {
+    gs = segment_sum(g * as_rows(h.to(acc)), tenant, num_tenants).to(param_dtype);
+  }
+  if (need_biases) gb = segment_sum(g, tenant, num_tenants).to(param_dtype);
+  return {gh, gs, gb};
+}
+
 // Autograd of gathered_red_edit (common/autograd.h says why it is in C++). Saves h only when the
 // scales need a gradient and the scales only when h does, like the custom op in
 // red_kernels/ops/gathered_red_edit.py.
@@ -355,12 +392,19 @@ class GatheredREDEditFunction : public torch::autograd::Function<GatheredREDEdit
     const bool need_h = ctx->needs_input_grad(0);
     const bool need_scales = needs_grad(ctx, has_scales, 1);
     const bool need_biases = needs_grad(ctx, has_biases, has_scales ? 2 : 1);
+    const int64_t num_tenants = ctx->saved_data["num_tenants"].toInt();
+    const auto param_dtype = static_cast<at::ScalarType>(ctx->saved_data["param_dtype"].toInt());
+    if (create_graph_requested()) {
+      auto [gh, gs, gb] =
+          gathered_red_edit_bwd_differentiable(grads[0], saved[0], saved[1], saved[2], num_tenants,
+                                               need_h, need_scales, need_biases, param_dtype);
+      return {gh, gs, gb, at::Tensor()};
+    }
     static const auto op =
         rk_op<decltype(gathered_red_edit_bwd_cpu)>("red_kernels_C::gathered_red_edit_bwd");
     auto [gh, gs, gb] =
-        op.call(grads[0], saved_or_none(saved[0]), saved_or_none(saved[1]), saved[2],
-                ctx->saved_data["num_tenants"].toInt(), need_h, need_scales, need_biases,
-                static_cast<at::ScalarType>(ctx->saved_data["param_dtype"].toInt()));
+        op.call(grads[0], saved_or_none(saved[0]), saved_or_none(saved[1]), saved[2], num_tenants,
+                need_h, need_scales, need_biases, param_dtype);
     return {take_grad(need_h, gh), take_grad(need_scales, gs), take_grad(need_biases, gb),
             at::Tensor()};
   }

@@ -67,7 +67,8 @@ int64_t gathered_num_tenants(const c10::optional<at::Tensor>& scales,
                              const c10::optional<at::Tensor>& biases);
 void gathered_check(const at::Tensor& h, const c10::optional<at::Tensor>& scales,
                     const c10::optional<at::Tensor>& biases, const at::Tensor& tenant_ids);
-void gathered_check_id_values(const at::Tensor& ids_cpu, int64_t num_tenants);
+// `op` names the calling op (gathered_red_edit or gathered_red_edit_bwd) in error messages.
+void gathered_check_id_values(const char* op, const at::Tensor& ids_cpu, int64_t num_tenants);
 void gathered_bwd_check(const at::Tensor& grad_out, const c10::optional<at::Tensor>& h,
                         const c10::optional<at::Tensor>& scales, const at::Tensor& tenant_ids,
                         int64_t num_tenants, bool need_scales);

@@ -132,7 +132,8 @@ at::Tensor gathered_red_edit_fwd_cuda(const at::Tensor& h, const c10::optional<a
   const c10::cuda::CUDAGuard guard(h.device());
   const int64_t K = gathered_num_tenants(scales, biases);
   const at::Tensor ids = tenant_ids.contiguous();
-  gathered_check_id_values(ids.to(at::kCPU), K);  // before any kernel reads through the ids
+  gathered_check_id_values("gathered_red_edit", ids.to(at::kCPU),
+                           K);  // before any kernel reads through the ids
   const int64_t d = h.size(-1);
   at::Tensor out = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
@@ -164,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gathered_red_edit_bwd_cuda(
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t K = num_tenants;
   const at::Tensor ids_cpu = tenant_ids.to(at::kCPU).contiguous();
-  gathered_check_id_values(ids_cpu, K);
+  gathered_check_id_values("gathered_red_edit_bwd", ids_cpu, K);
   const int64_t d = grad_out.size(-1);
   const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = grad_out.options();

@@ -11,15 +11,27 @@
 #include "para/para_vector_gen.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/TensorIndexing.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/argsort.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/erf.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/nonzero.h>
 #include <ATen/ops/ones_like.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/silu.h>
 #include <ATen/ops/stack.h>
+#include <ATen/ops/tanh.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -54,70 +66,75 @@ std::pair<int64_t, int64_t> index_range(const at::Tensor& idx) {
   return {both.const_data_ptr<int64_t>()[0], both.const_data_ptr<int64_t>()[1]};
 }
 
-void check_index_tensor(const at::Tensor& idx, const char* name, int64_t batch,
+void check_index_tensor(const char* op, const at::Tensor& idx, const char* name, int64_t batch,
                         const at::Tensor& h) {
-  RK_CHECK_ARG(idx.scalar_type() == at::kLong, name, "expected an int64 tensor, got ",
-               idx.scalar_type());
-  RK_CHECK_ARG(idx.dim() == 1 && idx.size(0) == batch, name, "expected shape [", batch,
+  RK_CHECK_ARG(idx.scalar_type() == at::kLong, op, name, "must be int64, got ", idx.scalar_type());
+  RK_CHECK_ARG(idx.dim() == 1 && idx.size(0) == batch, op, name, "must have shape [", batch,
                "] (one per sequence of 'h'), got ", idx.sizes());
-  check_same_device(h, "h", idx, name);
+  check_same_device(op, h, "h", idx, name);
 }
 
 }  // namespace
 
-ParaInputs para_prepare(const at::Tensor& h, const at::Tensor& pool_index, const at::Tensor& w_down,
-                        const at::Tensor& w_up, const at::Tensor& b_up,
+const char* para_op_name(bool gathered, bool backward) {
+  if (gathered) return backward ? "gathered_para_vector_gen_bwd" : "gathered_para_vector_gen";
+  return backward ? "para_vector_gen_bwd" : "para_vector_gen";
+}
+
+ParaInputs para_prepare(const char* op, const at::Tensor& h, const at::Tensor& pool_index,
+                        const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& b_up,
                         const c10::optional<at::Tensor>& tenant_ids, int64_t activation) {
-  RK_CHECK_ARG(h.dim() == 3, "h", "expected [B, T, d], got shape ", h.sizes());
-  check_floating(h, "h");
+  RK_CHECK_ARG(h.dim() == 3, op, "h", "must be [B, T, d], got shape ", h.sizes());
+  check_kernel_dtype(op, h, "h");
   const int64_t batch = h.size(0), t = h.size(1), d = h.size(2);
-  check_index_tensor(pool_index, "pool_index", batch, h);
+  check_index_tensor(op, pool_index, "pool_index", batch, h);
   const bool plain = !tenant_ids.has_value();
   const int64_t lead = plain ? 0 : 1;
-  RK_CHECK_ARG(w_down.dim() == 2 + lead, "w_down", "expected ", plain ? "[d, r]" : "[K, d, r]",
+  RK_CHECK_ARG(w_down.dim() == 2 + lead, op, "w_down", "must be ", plain ? "[d, r]" : "[K, d, r]",
                plain ? " (one generator without 'tenant_ids')" : "", ", got shape ",
                w_down.sizes());
-  RK_CHECK_ARG(w_up.dim() == 2 + lead, "w_up", "expected ", plain ? "[r, n_out]" : "[K, r, n_out]",
-               ", got shape ", w_up.sizes());
-  RK_CHECK_ARG(b_up.dim() == 1 + lead, "b_up", "expected ", plain ? "[n_out]" : "[K, n_out]",
+  RK_CHECK_ARG(w_up.dim() == 2 + lead, op, "w_up", "must be ",
+               plain ? "[r, n_out]" : "[K, r, n_out]", ", got shape ", w_up.sizes());
+  RK_CHECK_ARG(b_up.dim() == 1 + lead, op, "b_up", "must be ", plain ? "[n_out]" : "[K, n_out]",
                ", got shape ", b_up.sizes());
   // From here on the gathered form: the plain op is the one-generator case.
   const at::Tensor wd = plain ? w_down.unsqueeze(0) : w_down;
   const at::Tensor wu = plain ? w_up.unsqueeze(0) : w_up;
   const at::Tensor bu = plain ? b_up.unsqueeze(0) : b_up;
   const int64_t k = wd.size(0), r = wd.size(2), n = wu.size(2);
-  RK_CHECK_ARG(wd.size(1) == d, "w_down", "has input size ", wd.size(1),
+  RK_CHECK_ARG(wd.size(1) == d, op, "w_down", "has input size ", wd.size(1),
                " but the last dim of 'h' is ", d);
-  RK_CHECK_ARG(r >= 1 && r <= kParaMaxRank, "w_down", "rank ", r, " outside the supported 1..",
-               kParaMaxRank);
-  RK_CHECK_ARG(wu.size(0) == k && wu.size(1) == r, "w_up", "shape ", w_up.sizes(),
-               " does not match 'w_down' ", w_down.sizes(), " (expected ",
+  RK_CHECK_ARG(r >= 1 && r <= kParaMaxRank, op, "w_down", "has rank ", r,
+               ", outside the supported 1..", kParaMaxRank);
+  RK_CHECK_ARG(wu.size(0) == k && wu.size(1) == r, op, "w_up", "has shape ", w_up.sizes(),
+               ", which does not match 'w_down' ", w_down.sizes(), " (expected ",
                plain ? "[r, n_out]" : "[K, r, n_out]", ")");
-  RK_CHECK_ARG(bu.size(0) == k && bu.size(1) == n, "b_up", "shape ", b_up.sizes(),
-               " does not match 'w_up' ", w_up.sizes(), " (expected ",
+  RK_CHECK_ARG(bu.size(0) == k && bu.size(1) == n, op, "b_up", "has shape ", b_up.sizes(),
+               ", which does not match 'w_up' ", w_up.sizes(), " (expected ",
                plain ? "[n_out]" : "[K, n_out]", ")");
   for (const auto& [w, name] : {std::pair<const at::Tensor&, const char*>{w_down, "w_down"},
                                 {w_up, "w_up"},
                                 {b_up, "b_up"}}) {
-    check_floating(w, name);
-    check_same_device(h, "h", w, name);
-    RK_CHECK_ARG(w.scalar_type() == w_down.scalar_type(), name, "dtype ", w.scalar_type(),
-                 " differs from the dtype of 'w_down' (", w_down.scalar_type(), ")");
+    check_kernel_dtype(op, w, name);
+    check_same_device(op, h, "h", w, name);
+    RK_CHECK_ARG(w.scalar_type() == w_down.scalar_type(), op, name, "has dtype ", w.scalar_type(),
+                 " but 'w_down' has ", w_down.scalar_type(),
+                 "; the generator's weights must share one dtype");
   }
-  RK_CHECK_ARG(activation >= 0 && activation <= kSilu, "activation", "unknown activation code ",
-               activation);
+  RK_CHECK_ARG(activation >= 0 && activation <= kSilu, op, "activation",
+               "has unknown activation code ", activation);
   if (batch > 0) {
     const auto [lo, hi] = index_range(pool_index);
-    RK_CHECK_ARG(lo >= 0 && hi < t, "pool_index", "values must lie in [0, ", t,
+    RK_CHECK_ARG(lo >= 0 && hi < t, op, "pool_index", "values must lie in [0, ", t,
                  ") (the sequence length of 'h'), got min ", lo, " and max ", hi);
   }
   ParaInputs in{pool_index.contiguous(), wd.contiguous(), wu.contiguous(), bu.contiguous(),
                 c10::nullopt};
   if (!plain) {
-    check_index_tensor(*tenant_ids, "tenant_ids", batch, h);
+    check_index_tensor(op, *tenant_ids, "tenant_ids", batch, h);
     if (batch > 0) {
       const auto [lo, hi] = index_range(*tenant_ids);
-      RK_CHECK_ARG(lo >= -1 && hi < k, "tenant_ids", "values must lie in [-1, ", k,
+      RK_CHECK_ARG(lo >= -1 && hi < k, op, "tenant_ids", "values must lie in [-1, ", k,
                    ") (-1 = no generator; K = w_down.size(0)), got min ", lo, " and max ", hi);
     }
     in.tenant_ids = tenant_ids->contiguous();
@@ -210,7 +227,8 @@ HostSegments cpu_segments(const ParaInputs& in, int64_t batch) {
 at::Tensor para_fwd_cpu(const at::Tensor& h, const at::Tensor& pool_index, const at::Tensor& w_down,
                         const at::Tensor& w_up, const at::Tensor& b_up,
                         const c10::optional<at::Tensor>& tenant_ids, int64_t activation) {
-  const ParaInputs in = para_prepare(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
+  const ParaInputs in = para_prepare(para_op_name(tenant_ids.has_value(), false), h, pool_index,
+                                     w_down, w_up, b_up, tenant_ids, activation);
   const int64_t batch = h.size(0), n = in.w_up.size(2), r = in.w_down.size(2);
   at::Tensor out =
       at::empty({batch, n}, w_up.options().memory_format(at::MemoryFormat::Contiguous));
@@ -248,10 +266,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& pool_index,
     const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& b_up,
     const c10::optional<at::Tensor>& tenant_ids, int64_t activation, bool need_h, bool need_w) {
-  const ParaInputs in = para_prepare(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
+  const char* op = para_op_name(tenant_ids.has_value(), true);
+  const ParaInputs in = para_prepare(op, h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
   const int64_t batch = h.size(0), t = h.size(1), d = h.size(2);
   const int64_t k_count = in.w_down.size(0), r = in.w_down.size(2), n = in.w_up.size(2);
-  para_check_grad_out(grad_out, h, w_up, batch, n);
+  para_check_grad_out(op, grad_out, h, w_up, batch, n);
   const at::Tensor g = grad_out.contiguous();
   const auto wopts = w_up.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor grad_h = need_h ? empty_output(h.sizes(), h.options()) : at::empty({0}, h.options());
@@ -320,6 +339,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cpu(
   return {grad_h, gwd, gwu, gbu};
 }
 
+// The activation and the gradient through it (act_forward / act_backward of activations.h) in
+// differentiable ATen ops, for the create_graph backward below.
+at::Tensor act_forward_aten(int64_t act, const at::Tensor& z) {
+  if (act == kGelu) return at::gelu(z);
+  if (act == kGeluTanh) return at::gelu(z, "tanh");
+  if (act == kRelu) return at::relu(z);
+  return at::silu(z);
+}
+
+at::Tensor act_backward_aten(int64_t act, const at::Tensor& z, const at::Tensor& g) {
+  if (act == kRelu) return at::where(z <= 0, at::zeros_like(g), g);
+  if (act == kSilu) {
+    const at::Tensor s = at::sigmoid(z);
+    return g * (s * (1 + z * (1 - s)));
+  }
+  if (act == kGelu) {
+    constexpr double kInvSqrt2 = 0.70710678118654752440, kInvSqrt2Pi = 0.39894228040143267794;
+    return g * (0.5 * (1 + at::erf(z * kInvSqrt2)) + z * kInvSqrt2Pi * at::exp(-0.5 * z * z));
+  }
+  constexpr double kSqrt2OverPi = 0.79788456080286535588, kCoef = 0.044715;  // kGeluTanh
+  const at::Tensor t = at::tanh(kSqrt2OverPi * (z + kCoef * z * z * z));
+  return g * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * kSqrt2OverPi * (1 + 3 * kCoef * z * z));
+}
+
+// para_vector_gen_bwd's formulas (para_vector_gen.h) in differentiable ATen ops, for
+// create_graph=True (common/autograd.h). Gathered form throughout (the plain op is K = 1); only
+// rows with a generator enter, so rows of tenant -1 read no weights and keep zero gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_differentiable(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& pool_index,
+    const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& b_up,
+    const at::Tensor& tenant_ids, int64_t activation, bool need_h, bool need_w) {
+  const bool plain = !tenant_ids.defined();
+  const auto acc = h.scalar_type() == at::kDouble || w_up.scalar_type() == at::kDouble ? at::kDouble
+                                                                                       : at::kFloat;
+  const at::Tensor wd = (plain ? w_down.unsqueeze(0) : w_down).to(acc);  // [K, d, r]
+  const at::Tensor wu = (plain ? w_up.unsqueeze(0) : w_up).to(acc);      // [K, r, n]
+  const at::Tensor rows = plain ? at::arange(h.size(0), pool_index.options())
+                                : at::nonzero(tenant_ids >= 0).squeeze(1);  // [M]
+  const at::Tensor k = plain ? at::zeros_like(rows) : tenant_ids.index_select(0, rows);
+  const at::Tensor pos = pool_index.index_select(0, rows);
+  const at::Tensor wd_b = wd.index_select(0, k), wu_b = wu.index_select(0, k);
+  const at::Tensor x = h.index({rows, pos}).to(acc);              // [M, d] pooled rows
+  const at::Tensor z = at::bmm(x.unsqueeze(1), wd_b).squeeze(1);  // [M, r]
+  const at::Tensor g = grad_out.index_select(0, rows).to(acc);    // [M, n]
+  const at::Tensor gz = act_backward_aten(activation, z, at::bmm(wu_b, g.unsqueeze(2)).squeeze(2));
+  at::Tensor gh, gwd, gwu, gbu;
+  if (need_h) {
+    gh = at::zeros(h.sizes(), h.options().dtype(acc));
+    gh.index_put_({rows, pos}, at::bmm(wd_b, gz.unsqueeze(2)).squeeze(2));
+    gh = gh.to(h.scalar_type());
+  }
+  if (need_w) {
+    // Each tenant's sum over its rows, in the weight's shape and dtype.
+    const auto per_tenant = [&](const at::Tensor& per_row, const at::Tensor& like) {
+      return segment_sum(per_row.flatten(1), k, wd.size(0))
+          .reshape(like.sizes())
+          .to(like.scalar_type());
+    };
+    gwd = per_tenant(x.unsqueeze(2) * gz.unsqueeze(1), w_down);
+    gwu = per_tenant(act_forward_aten(activation, z).unsqueeze(2) * g.unsqueeze(1), w_up);
+    gbu = per_tenant(g, b_up);
+  }
+  return {gh, gwd, gwu, gbu};
+}
+
 // Autograd of para_vector_gen (common/autograd.h says why it is in C++); the kernels below it
 // are the CPU or CUDA ones.
 class ParaVectorGenFunction : public torch::autograd::Function<ParaVectorGenFunction> {
@@ -341,6 +425,16 @@ class ParaVectorGenFunction : public torch::autograd::Function<ParaVectorGenFunc
     const bool need_h = ctx->needs_input_grad(0);
     const bool need_w =
         ctx->needs_input_grad(2) || ctx->needs_input_grad(3) || ctx->needs_input_grad(4);
+    if (create_graph_requested()) {
+      auto [gh, gwd, gwu, gbu] =
+          para_bwd_differentiable(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                                  saved[5], ctx->saved_data["activation"].toInt(), need_h, need_w);
+      const auto need = [&](size_t i, at::Tensor& t) {
+        return ctx->needs_input_grad(i) ? t : at::Tensor();
+      };
+      return {gh,           at::Tensor(), need(2, gwd), need(3, gwu),
+              need(4, gbu), at::Tensor(), at::Tensor()};
+    }
     static const auto op = rk_op<decltype(para_bwd_cpu)>("red_kernels_C::para_vector_gen_bwd");
     auto [gh, gwd, gwu, gbu] =
         op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved_or_none(saved[5]),
@@ -364,13 +458,13 @@ at::Tensor para_fwd_autograd(const at::Tensor& h, const at::Tensor& pool_index,
 
 }  // namespace
 
-void para_check_grad_out(const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& w_up,
-                         int64_t batch, int64_t n) {
-  RK_CHECK_ARG(grad_out.dim() == 2 && grad_out.size(0) == batch && grad_out.size(1) == n,
-               "grad_out", "expected shape [", batch, ", ", n, "], got ", grad_out.sizes());
-  RK_CHECK_ARG(grad_out.scalar_type() == w_up.scalar_type(), "grad_out", "dtype ",
-               grad_out.scalar_type(), " differs from the weights' dtype ", w_up.scalar_type());
-  check_same_device(h, "h", grad_out, "grad_out");
+void para_check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& h,
+                         const at::Tensor& w_up, int64_t batch, int64_t n) {
+  RK_CHECK_ARG(grad_out.dim() == 2 && grad_out.size(0) == batch && grad_out.size(1) == n, op,
+               "grad_out", "must have shape [", batch, ", ", n, "], got ", grad_out.sizes());
+  RK_CHECK_ARG(grad_out.scalar_type() == w_up.scalar_type(), op, "grad_out", "has dtype ",
+               grad_out.scalar_type(), " but the weights have ", w_up.scalar_type());
+  check_same_device(op, h, "h", grad_out, "grad_out");
 }
 
 TORCH_LIBRARY_FRAGMENT(red_kernels_C, m) {

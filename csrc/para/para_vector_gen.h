@@ -83,10 +83,10 @@ RK_HD void para_activate(int act, int r, const A* z, A* a) {
   for (int c = 0; c < r; ++c) a[c] = act_forward<A>(act, z[c]);
 }
 
-// gz[c] = ga[c] * act'(z[c]).
+// gz[c] = ga[c] * act'(z[c]) (see act_backward for NaN and inf).
 template <typename A>
 RK_HD void para_grad_z(int act, int r, const A* z, const A* ga, A* gz) {
-  for (int c = 0; c < r; ++c) gz[c] = ga[c] * act_backward<A>(act, z[c]);
+  for (int c = 0; c < r; ++c) gz[c] = act_backward<A>(act, z[c], ga[c]);
 }
 
 // out[j - j0] = b_up[j] + sum_c a[c] * w_up[c, j] for j in [j0, j1) (wu: one tenant's [r, n],
@@ -176,13 +176,18 @@ struct ParaInputs {
 // the index values: pool_index in [0, T) and tenant_ids in [-1, K), on the host before any kernel
 // reads memory (a loop over the B values on CPU; one sync on CUDA). Without tenant_ids the
 // weights are one generator, [d, r], [r, n], [n]; with them [K, d, r], [K, r, n], [K, n].
-ParaInputs para_prepare(const at::Tensor& h, const at::Tensor& pool_index, const at::Tensor& w_down,
-                        const at::Tensor& w_up, const at::Tensor& b_up,
+// `op` (see para_op_name) names the op in error messages.
+ParaInputs para_prepare(const char* op, const at::Tensor& h, const at::Tensor& pool_index,
+                        const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& b_up,
                         const c10::optional<at::Tensor>& tenant_ids, int64_t activation);
 
 // grad_out of para_vector_gen_bwd: [B, n], the weights' dtype, h's device.
-void para_check_grad_out(const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& w_up,
-                         int64_t batch, int64_t n);
+void para_check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& h,
+                         const at::Tensor& w_up, int64_t batch, int64_t n);
+
+// The op named in error messages: the public op the C++ op serves (the plain or the multi-tenant
+// generator, as the Python layer names them), with "_bwd" for the backward op.
+const char* para_op_name(bool gathered, bool backward);
 
 // Rows of the batch grouped by tenant, in batch order within a tenant: tenant k owns
 // rows[offsets[k] .. offsets[k + 1]). Rows of tenant -1 come first and belong to no segment.

@@ -199,7 +199,8 @@ void launch_bwd(const ParaArgs<T, W>& p, const W* g, void* a_buf, void* gz_buf, 
 at::Tensor para_fwd_cuda(const at::Tensor& h, const at::Tensor& pool_index,
                          const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& b_up,
                          const c10::optional<at::Tensor>& tenant_ids, int64_t activation) {
-  const ParaInputs in = para_prepare(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
+  const ParaInputs in = para_prepare(para_op_name(tenant_ids.has_value(), false), h, pool_index,
+                                     w_down, w_up, b_up, tenant_ids, activation);
   const c10::cuda::CUDAGuard guard(h.device());
   at::Tensor out = at::empty({h.size(0), in.w_up.size(2)},
                              w_up.options().memory_format(at::MemoryFormat::Contiguous));
@@ -218,10 +219,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> para_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& pool_index,
     const at::Tensor& w_down, const at::Tensor& w_up, const at::Tensor& b_up,
     const c10::optional<at::Tensor>& tenant_ids, int64_t activation, bool need_h, bool need_w) {
-  const ParaInputs in = para_prepare(h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
+  const char* op = para_op_name(tenant_ids.has_value(), true);
+  const ParaInputs in = para_prepare(op, h, pool_index, w_down, w_up, b_up, tenant_ids, activation);
   const int64_t batch = h.size(0), n = in.w_up.size(2), r = in.w_down.size(2);
   const int64_t k_count = in.w_down.size(0);
-  para_check_grad_out(grad_out, h, w_up, batch, n);
+  para_check_grad_out(op, grad_out, h, w_up, batch, n);
   const c10::cuda::CUDAGuard guard(h.device());
   const at::Tensor g = grad_out.contiguous();
   const auto wopts = w_up.options().memory_format(at::MemoryFormat::Contiguous);

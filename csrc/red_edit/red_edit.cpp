@@ -37,30 +37,33 @@ at::Tensor red_edit_param(const c10::optional<at::Tensor>& p, int64_t d, const a
 
 void red_edit_check(const at::Tensor& h, const c10::optional<at::Tensor>& scale,
                     const c10::optional<at::Tensor>& bias) {
-  RK_CHECK_ARG(h.dim() >= 1, "h", "expected at least 1 dim [..., d], got a scalar");
-  check_floating(h, "h");
+  constexpr const char* op = "red_edit";
+  RK_CHECK_ARG(h.dim() >= 1, op, "h", "must have at least 1 dim [..., d], got a scalar");
+  check_kernel_dtype(op, h, "h");
   const int64_t d = h.size(-1);
-  check_vector(scale, "scale", d, h);
-  check_vector(bias, "bias", d, h);
+  check_vector(op, scale, "scale", d, h);
+  check_vector(op, bias, "bias", d, h);
   if (scale.has_value() && bias.has_value()) {
-    RK_CHECK_ARG(scale->scalar_type() == bias->scalar_type(), "bias", "dtype ", bias->scalar_type(),
-                 " differs from the dtype of 'scale' (", scale->scalar_type(), ")");
+    RK_CHECK_ARG(scale->scalar_type() == bias->scalar_type(), op, "bias", "has dtype ",
+                 bias->scalar_type(), " but 'scale' has ", scale->scalar_type(),
+                 "; they must match");
   }
 }
 
-void red_edit_bwd_check(const at::Tensor& grad_out, const c10::optional<at::Tensor>& h,
-                        const c10::optional<at::Tensor>& scale, bool need_scale) {
-  RK_CHECK_ARG(grad_out.dim() >= 1, "grad_out", "expected at least 1 dim");
-  check_floating(grad_out, "grad_out");
-  RK_CHECK_ARG(!need_scale || h.has_value(), "h", "is required when need_scale is true");
+void red_edit_bwd_check(const char* op, const at::Tensor& grad_out,
+                        const c10::optional<at::Tensor>& h, const c10::optional<at::Tensor>& scale,
+                        bool need_scale) {
+  RK_CHECK_ARG(grad_out.dim() >= 1, op, "grad_out", "must have at least 1 dim");
+  check_kernel_dtype(op, grad_out, "grad_out");
+  RK_CHECK_ARG(!need_scale || h.has_value(), op, "h", "is required when need_scale is true");
   if (h.has_value()) {
-    RK_CHECK_ARG(h->sizes() == grad_out.sizes(), "h", "shape ", h->sizes(),
-                 " differs from 'grad_out' ", grad_out.sizes());
-    RK_CHECK_ARG(h->scalar_type() == grad_out.scalar_type(), "h", "dtype ", h->scalar_type(),
-                 " differs from 'grad_out' ", grad_out.scalar_type());
-    check_same_device(grad_out, "grad_out", *h, "h");
+    RK_CHECK_ARG(h->sizes() == grad_out.sizes(), op, "h", "has shape ", h->sizes(),
+                 " but 'grad_out' has ", grad_out.sizes());
+    RK_CHECK_ARG(h->scalar_type() == grad_out.scalar_type(), op, "h", "has dtype ",
+                 h->scalar_type(), " but 'grad_out' has ", grad_out.scalar_type());
+    check_same_device(op, grad_out, "grad_out", *h, "h");
   }
-  check_vector(scale, "scale", grad_out.size(-1), grad_out);
+  check_vector(op, scale, "scale", grad_out.size(-1), grad_out);
 }
 
 namespace base {
@@ -106,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& h,
     const c10::optional<at::Tensor>& scale, bool need_h, bool need_scale, bool need_bias,
     at::ScalarType param_dtype) {
-  red_edit_bwd_check(grad_out, h, scale, need_scale);
+  red_edit_bwd_check("red_edit_bwd", grad_out, h, scale, need_scale);
   const int64_t d = grad_out.size(-1);
 
   const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -166,6 +169,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_cpu(
   return {grad_h, sum_gh.to(param_dtype), sum_g.to(param_dtype)};
 }
 
+// red_edit_bwd's formulas in differentiable ATen ops, for create_graph=True (common/autograd.h).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_differentiable(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& scale, bool need_h,
+    bool need_scale, bool need_bias, at::ScalarType param_dtype) {
+  const at::Tensor g =
+      grad_out.to(grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor gh, gs, gb;
+  if (need_h) gh = (scale.defined() ? g * scale.to(g.scalar_type()) : g).to(grad_out.scalar_type());
+  if (need_scale) gs = sum_leading(g * h.to(g.scalar_type())).to(param_dtype);
+  if (need_bias) gb = sum_leading(g).to(param_dtype);
+  return {gh, gs, gb};
+}
+
 // Autograd of red_edit (common/autograd.h says why it is in C++). Saves h only when scale needs a
 // gradient and scale only when h does, like the custom op in red_kernels/ops/red_edit.py.
 class REDEditFunction : public torch::autograd::Function<REDEditFunction> {
@@ -194,10 +210,15 @@ class REDEditFunction : public torch::autograd::Function<REDEditFunction> {
     const bool need_h = ctx->needs_input_grad(0);
     const bool need_scale = needs_grad(ctx, has_scale, 1);
     const bool need_bias = needs_grad(ctx, has_bias, has_scale ? 2 : 1);
+    const auto param_dtype = static_cast<at::ScalarType>(ctx->saved_data["param_dtype"].toInt());
+    if (create_graph_requested()) {
+      auto [gh, gs, gb] = red_edit_bwd_differentiable(grads[0], saved[0], saved[1], need_h,
+                                                      need_scale, need_bias, param_dtype);
+      return {gh, gs, gb};
+    }
     static const auto op = rk_op<decltype(red_edit_bwd_cpu)>("red_kernels_C::red_edit_bwd");
-    auto [gh, gs, gb] =
-        op.call(grads[0], saved_or_none(saved[0]), saved_or_none(saved[1]), need_h, need_scale,
-                need_bias, static_cast<at::ScalarType>(ctx->saved_data["param_dtype"].toInt()));
+    auto [gh, gs, gb] = op.call(grads[0], saved_or_none(saved[0]), saved_or_none(saved[1]), need_h,
+                                need_scale, need_bias, param_dtype);
     return {take_grad(need_h, gh), take_grad(need_scale, gs), take_grad(need_bias, gb)};
   }
 };

@@ -39,8 +39,10 @@ namespace red_kernels {
 // Host helpers shared by the CPU and CUDA entry points (defined in red_edit.cpp).
 void red_edit_check(const at::Tensor& h, const c10::optional<at::Tensor>& scale,
                     const c10::optional<at::Tensor>& bias);
-void red_edit_bwd_check(const at::Tensor& grad_out, const c10::optional<at::Tensor>& h,
-                        const c10::optional<at::Tensor>& scale, bool need_scale);
+// `op` names the calling backward op in error messages (gathered_red_edit_bwd shares this check).
+void red_edit_bwd_check(const char* op, const at::Tensor& grad_out,
+                        const c10::optional<at::Tensor>& h, const c10::optional<at::Tensor>& scale,
+                        bool need_scale);
 at::Tensor red_edit_param(const c10::optional<at::Tensor>& p, int64_t d, const at::Tensor& like,
                           double fill);
 }  // namespace red_kernels

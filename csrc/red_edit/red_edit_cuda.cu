@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> red_edit_bwd_cuda(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& h,
     const c10::optional<at::Tensor>& scale, bool need_h, bool need_scale, bool need_bias,
     at::ScalarType param_dtype) {
-  red_edit_bwd_check(grad_out, h, scale, need_scale);
+  red_edit_bwd_check("red_edit_bwd", grad_out, h, scale, need_scale);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t d = grad_out.size(-1);
   const auto acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

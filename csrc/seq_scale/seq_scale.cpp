@@ -26,43 +26,44 @@
 
 namespace red_kernels {
 
-void seq_scale_check(const at::Tensor& x, const at::Tensor& vec,
+void seq_scale_check(const char* op, const at::Tensor& x, const at::Tensor& vec,
                      const c10::optional<at::Tensor>& seq_index) {
-  check_floating(x, "x");
-  check_floating(vec, "vec");
-  check_same_device(x, "x", vec, "vec");
-  RK_CHECK_ARG(vec.dim() == 2, "vec", "expected [B, n], got shape ", vec.sizes());
+  check_kernel_dtype(op, x, "x");
+  check_floating(op, vec, "vec");
+  check_same_device(op, x, "x", vec, "vec");
+  RK_CHECK_ARG(vec.dim() == 2, op, "vec", "must be [B, n], got shape ", vec.sizes());
   if (seq_index.has_value()) {
-    RK_CHECK_ARG(x.dim() == 2, "x", "with seq_index (packed form) expected [N, n], got shape ",
+    RK_CHECK_ARG(x.dim() == 2, op, "x", "must be [N, n] with seq_index (packed form), got shape ",
                  x.sizes());
     const at::Tensor& idx = *seq_index;
-    RK_CHECK_ARG(idx.scalar_type() == at::kLong, "seq_index", "expected int64, got ",
+    RK_CHECK_ARG(idx.scalar_type() == at::kLong, op, "seq_index", "must be int64, got ",
                  idx.scalar_type());
-    RK_CHECK_ARG(idx.dim() == 1 && idx.size(0) == x.size(0), "seq_index", "expected shape [",
+    RK_CHECK_ARG(idx.dim() == 1 && idx.size(0) == x.size(0), op, "seq_index", "must have shape [",
                  x.size(0), "] (one entry per row of 'x'), got ", idx.sizes());
-    check_same_device(x, "x", idx, "seq_index");
+    check_same_device(op, x, "x", idx, "seq_index");
   } else {
-    RK_CHECK_ARG(x.dim() == 3, "x",
-                 "expected [B, T, n] (or [N, n] with seq_index for the packed form), got shape ",
+    RK_CHECK_ARG(x.dim() == 3, op, "x",
+                 "must be [B, T, n] (or [N, n] with seq_index, the packed form), got shape ",
                  x.sizes());
-    RK_CHECK_ARG(vec.size(0) == x.size(0), "vec", "has ", vec.size(0),
+    RK_CHECK_ARG(vec.size(0) == x.size(0), op, "vec", "has ", vec.size(0),
                  " rows but 'x' has batch size ", x.size(0));
   }
-  RK_CHECK_ARG(vec.size(1) == x.size(-1), "vec", "has width ", vec.size(1),
+  RK_CHECK_ARG(vec.size(1) == x.size(-1), op, "vec", "has width ", vec.size(1),
                " but the last dim of 'x' is ", x.size(-1));
 }
 
 void seq_scale_bwd_check(const at::Tensor& grad_out, const c10::optional<at::Tensor>& x,
                          const at::Tensor& vec, const c10::optional<at::Tensor>& seq_index,
                          bool need_vec) {
-  seq_scale_check(grad_out, vec, seq_index);
+  constexpr const char* op = "seq_scale_bwd";
+  seq_scale_check(op, grad_out, vec, seq_index);
   if (!need_vec) return;
-  RK_CHECK_ARG(x.has_value(), "x", "is required when need_vec is true");
-  RK_CHECK_ARG(x->sizes() == grad_out.sizes(), "x", "shape ", x->sizes(),
-               " differs from 'grad_out' ", grad_out.sizes());
-  RK_CHECK_ARG(x->scalar_type() == grad_out.scalar_type(), "x", "dtype ", x->scalar_type(),
-               " differs from 'grad_out' ", grad_out.scalar_type());
-  check_same_device(grad_out, "grad_out", *x, "x");
+  RK_CHECK_ARG(x.has_value(), op, "x", "is required when need_vec is true");
+  RK_CHECK_ARG(x->sizes() == grad_out.sizes(), op, "x", "has shape ", x->sizes(),
+               " but 'grad_out' has ", grad_out.sizes());
+  RK_CHECK_ARG(x->scalar_type() == grad_out.scalar_type(), op, "x", "has dtype ", x->scalar_type(),
+               " but 'grad_out' has ", grad_out.scalar_type());
+  check_same_device(op, grad_out, "grad_out", *x, "x");
 }
 
 // Rows of a backward pass: B * T (dense) or N (packed), well defined when n == 0.
@@ -93,11 +94,11 @@ at::Tensor seq_scale_vec_acc(const at::Tensor& vec, const at::Tensor& x) {
 
 // Host copy of seq_index, validated: every entry in [0, num_seqs). Runs before any kernel reads x
 // or vec through the index, so a bad index is an error, never an out-of-bounds read.
-at::Tensor seq_index_host(const at::Tensor& seq_index, int64_t num_seqs) {
+at::Tensor seq_index_host(const char* op, const at::Tensor& seq_index, int64_t num_seqs) {
   at::Tensor h = seq_index.to(at::kCPU).contiguous();
   const int64_t* p = h.const_data_ptr<int64_t>();
   for (int64_t r = 0, n = h.numel(); r < n; ++r) {
-    RK_CHECK_ARG(p[r] >= 0 && p[r] < num_seqs, "seq_index", "entry ", r, " is ", p[r],
+    RK_CHECK_ARG(p[r] >= 0 && p[r] < num_seqs, op, "seq_index", "entry ", r, " is ", p[r],
                  "; entries must lie in [0, ", num_seqs, ") (the rows of 'vec')");
   }
   return h;
@@ -108,7 +109,7 @@ SeqScalePlan seq_scale_plan(const c10::optional<at::Tensor>& seq_index, int64_t 
   SeqScalePlan plan;
   std::vector<int64_t> seg_off(num_seqs + 1, 0);
   if (seq_index.has_value()) {
-    const at::Tensor idx = seq_index_host(*seq_index, num_seqs);
+    const at::Tensor idx = seq_index_host("seq_scale_bwd", *seq_index, num_seqs);
     const int64_t* p = idx.const_data_ptr<int64_t>();
     bool sorted = true;
     for (int64_t r = 0; r < rows; ++r) {
@@ -186,8 +187,8 @@ void scale_all_rows(const at::Tensor& src, const at::Tensor& vec, const at::Tens
 
 at::Tensor seq_scale_fwd_cpu(const at::Tensor& x, const at::Tensor& vec,
                              const c10::optional<at::Tensor>& seq_index) {
-  seq_scale_check(x, vec, seq_index);
-  if (seq_index.has_value()) seq_index_host(*seq_index, vec.size(0));
+  seq_scale_check("seq_scale", x, vec, seq_index);
+  if (seq_index.has_value()) seq_index_host("seq_scale", *seq_index, vec.size(0));
   at::Tensor out = empty_output(x.sizes(), x.options());
   if (out.numel() == 0) return out;
   scale_all_rows(x, vec, seq_index.has_value() ? &*seq_index : nullptr, out);
@@ -208,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> seq_scale_bwd_cpu(const at::Tensor& grad_out,
   at::Tensor grad_x = need_x ? empty_output(grad_out.sizes(), opts) : at::empty({0}, opts);
 
   if (!need_vec) {
-    if (packed) seq_index_host(*seq_index, num_seqs);
+    if (packed) seq_index_host("seq_scale_bwd", *seq_index, num_seqs);
     if (need_x && grad_x.numel() > 0)
       scale_all_rows(grad_out, vec, packed ? &*seq_index : nullptr, grad_x);
     return {grad_x, at::empty({0}, opts.dtype(vec.scalar_type()))};
@@ -272,6 +273,27 @@ std::tuple<at::Tensor, at::Tensor> seq_scale_bwd_cpu(const at::Tensor& grad_out,
   return {grad_x, sum.to(vec.scalar_type())};
 }
 
+// seq_scale_bwd's formulas in differentiable ATen ops, for create_graph=True (common/autograd.h).
+std::tuple<at::Tensor, at::Tensor> seq_scale_bwd_differentiable(const at::Tensor& grad_out,
+                                                                const at::Tensor& x,
+                                                                const at::Tensor& vec,
+                                                                const at::Tensor& seq_index,
+                                                                bool need_x, bool need_vec) {
+  const at::Tensor g =
+      grad_out.to(grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const bool packed = seq_index.defined();
+  at::Tensor gx, gv;
+  if (need_x) {
+    const at::Tensor v = vec.to(g.scalar_type());
+    gx = (g * (packed ? v.index_select(0, seq_index) : v.unsqueeze(1))).to(grad_out.scalar_type());
+  }
+  if (need_vec) {
+    const at::Tensor gxs = g * x.to(g.scalar_type());
+    gv = (packed ? segment_sum(gxs, seq_index, vec.size(0)) : gxs.sum(1)).to(vec.scalar_type());
+  }
+  return {gx, gv};
+}
+
 // Autograd of seq_scale (common/autograd.h says why it is in C++). Saves x only when vec needs a
 // gradient, like the custom op in red_kernels/ops/seq_scale.py.
 class SeqScaleFunction : public torch::autograd::Function<SeqScaleFunction> {
@@ -288,6 +310,11 @@ class SeqScaleFunction : public torch::autograd::Function<SeqScaleFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const bool need_x = ctx->needs_input_grad(0), need_vec = ctx->needs_input_grad(1);
+    if (create_graph_requested()) {
+      auto [gx, gv] =
+          seq_scale_bwd_differentiable(grads[0], saved[0], saved[1], saved[2], need_x, need_vec);
+      return {gx, gv, at::Tensor()};
+    }
     static const auto op = rk_op<decltype(seq_scale_bwd_cpu)>("red_kernels_C::seq_scale_bwd");
     auto [gx, gv] = op.call(grads[0], saved_or_none(saved[0]), saved[1], saved_or_none(saved[2]),
                             need_x, need_vec);

@@ -87,7 +87,8 @@ struct SeqScalePlan {
 };
 
 // Host helpers shared by the CPU and CUDA entry points (defined in seq_scale.cpp).
-void seq_scale_check(const at::Tensor& x, const at::Tensor& vec,
+// `op` names the calling op in error messages (the backward checks grad_out as 'x').
+void seq_scale_check(const char* op, const at::Tensor& x, const at::Tensor& vec,
                      const c10::optional<at::Tensor>& seq_index);
 void seq_scale_bwd_check(const at::Tensor& grad_out, const c10::optional<at::Tensor>& x,
                          const at::Tensor& vec, const c10::optional<at::Tensor>& seq_index,
@@ -95,7 +96,8 @@ void seq_scale_bwd_check(const at::Tensor& grad_out, const c10::optional<at::Ten
 int64_t seq_scale_num_rows(const at::Tensor& x, bool packed);
 SeqRows seq_scale_rows(const at::Tensor& x, bool packed);
 at::Tensor seq_scale_vec_acc(const at::Tensor& vec, const at::Tensor& x);
-at::Tensor seq_index_host(const at::Tensor& seq_index, int64_t num_seqs);
+at::Tensor seq_index_host(const char* op, const at::Tensor& seq_index, int64_t num_seqs);
+// The backward's work plan; validates seq_index (errors name seq_scale_bwd).
 SeqScalePlan seq_scale_plan(const c10::optional<at::Tensor>& seq_index, int64_t num_seqs,
                             int64_t seq_len, int64_t rows, int64_t max_chunks, int64_t min_rows);
 

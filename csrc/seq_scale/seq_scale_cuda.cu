@@ -136,9 +136,10 @@ void scale_all_rows(const at::Tensor& src, const at::Tensor& vec, const at::Tens
 
 at::Tensor seq_scale_fwd_cuda(const at::Tensor& x, const at::Tensor& vec,
                               const c10::optional<at::Tensor>& seq_index) {
-  seq_scale_check(x, vec, seq_index);
+  seq_scale_check("seq_scale", x, vec, seq_index);
   const c10::cuda::CUDAGuard guard(x.device());
-  if (seq_index.has_value()) seq_index_host(*seq_index, vec.size(0));  // one sync, before any read
+  if (seq_index.has_value())
+    seq_index_host("seq_scale", *seq_index, vec.size(0));  // one sync, before any read
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   scale_all_rows(x, vec, seq_index.has_value() ? &*seq_index : nullptr, out);
@@ -161,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> seq_scale_bwd_cuda(const at::Tensor& grad_out
       need_x ? at::empty(grad_out.sizes(), opts.memory_format(at::MemoryFormat::Contiguous))
              : at::empty({0}, opts);
   if (!need_vec) {
-    if (packed) seq_index_host(*seq_index, num_seqs);
+    if (packed) seq_index_host("seq_scale_bwd", *seq_index, num_seqs);
     if (need_x && grad_x.numel() > 0)
       scale_all_rows(grad_out, vec, packed ? &*seq_index : nullptr, grad_x);
     return {grad_x, at::empty({0}, opts.dtype(vec.scalar_type()))};

@@ -34,8 +34,8 @@ def apply_activation(x: Tensor, name: str) -> Tensor:
 
 
 def activation_grad(x: Tensor, name: str) -> Tensor:
-    """Eager ``d act(x) / dx`` (the kernels' act_backward), for code that cannot run autograd, such
-    as a custom op's reference backward."""
+    """Eager ``d act(x) / dx`` (the kernels' act_derivative), for code that cannot run autograd,
+    such as a custom op's reference backward (through :func:`activation_backward`)."""
     if name == "gelu":
         return 0.5 * (1 + torch.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * torch.exp(-0.5 * x * x)
     if name == "gelu_tanh":
@@ -43,8 +43,17 @@ def activation_grad(x: Tensor, name: str) -> Tensor:
         t = torch.tanh(k * (x + c * x**3))
         return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * c * x * x)
     if name == "relu":
-        return (x > 0).to(x.dtype)
+        return (~(x <= 0)).to(x.dtype)  # 1 at NaN, where activation_backward passes the gradient
     if name == "silu":
         s = torch.sigmoid(x)
         return s * (1 + x * (1 - s))
     raise ValueError(f"unknown activation {name!r}")
+
+
+def activation_backward(grad: Tensor, x: Tensor, name: str) -> Tensor:
+    """Eager ``grad * d act(x) / dx`` (the kernels' act_backward), with NaN and inf where torch's
+    autograd puts them: relu's backward selects (0 where x <= 0, else grad, also at NaN x), so a
+    NaN or inf grad is dropped where x <= 0 instead of becoming NaN * 0; the others multiply."""
+    if name == "relu":
+        return torch.where(x <= 0, torch.zeros_like(grad), grad)
+    return grad * activation_grad(x, name)

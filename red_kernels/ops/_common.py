@@ -37,6 +37,19 @@ def check_tensor_args(op: str, required: dict[str, object], optional: dict[str, 
             raise TypeError(f"red_kernels.{op}: argument '{name}' must be a Tensor or None, got {type(value).__name__}")
 
 
+def call_backward(backward_op, differentiable, args: tuple, backend: str):
+    """The gradients of a custom op's registered autograd backward: ``backward_op(*args, backend)``
+    (the fused kernels), or ``differentiable(*args)`` (the op's eager reference formulas) when the
+    backward runs under ``create_graph=True``, which autograd signals by turning grad mode on. The
+    ``*_backward`` custom ops are opaque to autograd: their gradients would be constants of the
+    graph create_graph builds, and every second derivative silently zero (or an error). The eager
+    formulas are differentiable, so double backward is correct. The check is one flag read: the
+    ordinary backward keeps its speed. The C++ autograd does the same (csrc/common/autograd.h)."""
+    if torch.is_grad_enabled():
+        return differentiable(*args)
+    return backward_op(*args, backend)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp64 stays fp64 (gradcheck), everything else accumulates in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -43,6 +43,7 @@ from torch import Tensor
 from red_kernels._backend import requested_backend, resolve, when_extension_loads
 from red_kernels.ops._common import (
     acc_dtype,
+    call_backward,
     check_floating,
     check_same_device,
     check_tensor_args,
@@ -288,9 +289,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     h, scales, tenant_ids = ctx.saved_tensors
     need_h, need_scales, need_biases = ctx.flags
-    grad_h, grad_scales, grad_biases = _gathered_red_edit_backward_op(
-        grad_out, h, scales, tenant_ids, ctx.num_tenants, need_h, need_scales, need_biases, ctx.param_dtype, ctx.backend
-    )
+    args = (grad_out, h, scales, tenant_ids, ctx.num_tenants, need_h, need_scales, need_biases, ctx.param_dtype)
+    grad_h, grad_scales, grad_biases = call_backward(_gathered_red_edit_backward_op, _bwd_reference, args, ctx.backend)
     return (
         grad_h if need_h else None,
         grad_scales if need_scales else None,

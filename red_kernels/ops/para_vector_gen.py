@@ -48,9 +48,10 @@ import torch
 from torch import Tensor
 
 from red_kernels._backend import AUTO, requested_backend, resolve, when_extension_loads
-from red_kernels.ops._activations import ACTIVATIONS, activation_code, activation_grad, apply_activation
+from red_kernels.ops._activations import ACTIVATIONS, activation_backward, activation_code, apply_activation
 from red_kernels.ops._common import (
     EXT_BACKENDS,
+    call_backward,
     check_floating,
     check_same_device,
     check_tensor_args,
@@ -227,7 +228,7 @@ def _bwd_reference(grad_out, h, pool_index, wd, wu, bu, tenant_ids, act, need_h,
     wd_rows = wd[kk].to(acc)  # [M, d, r]
     z = torch.einsum("md,mdr->mr", pooled, wd_rows)
     g = grad_out[rows].to(acc)
-    gz = torch.einsum("mn,mrn->mr", g, wu[kk].to(acc)) * activation_grad(z, name)
+    gz = activation_backward(torch.einsum("mn,mrn->mr", g, wu[kk].to(acc)), z, name)
     gh = h.new_empty(0)
     if need_h:
         gh_acc = torch.zeros(h.shape, dtype=acc, device=h.device)
@@ -387,6 +388,16 @@ def _register_ext_fakes() -> None:
 when_extension_loads(_register_ext_fakes)
 
 
+def _differentiable_backward(grad_out, h, pool_index, w_down, w_up, b_up, tenant_ids, activation, need_h, need_w):
+    """_para_backward_op's gradients from the reference backward's eager formulas, which autograd
+    differentiates again (for create_graph=True, see call_backward)."""
+    code = ACTIVATIONS[activation]
+    gh, gwd, gwu, gbu = _bwd_reference(grad_out, h, pool_index, w_down, w_up, b_up, tenant_ids, code, need_h, need_w)
+    if need_w:
+        gwd, gwu, gbu = gwd.view(w_down.shape), gwu.view(w_up.shape), gbu.view(b_up.shape)
+    return gh, gwd, gwu, gbu
+
+
 def _setup_context(ctx, inputs, output):
     h, pool_index, w_down, w_up, b_up, tenant_ids, activation, backend = inputs
     ctx.need_h = ctx.needs_input_grad[0]
@@ -397,19 +408,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     h, pool_index, w_down, w_up, b_up, tenant_ids = ctx.saved_tensors
-    gh, gwd, gwu, gbu = _para_backward_op(
-        grad_out.contiguous(),
-        h,
-        pool_index,
-        w_down,
-        w_up,
-        b_up,
-        tenant_ids,
-        ctx.activation,
-        ctx.need_h,
-        ctx.need_w,
-        ctx.backend,
-    )
+    g = grad_out.contiguous()
+    args = (g, h, pool_index, w_down, w_up, b_up, tenant_ids, ctx.activation, ctx.need_h, ctx.need_w)
+    gh, gwd, gwu, gbu = call_backward(_para_backward_op, _differentiable_backward, args, ctx.backend)
     need = ctx.needs_input_grad
     return (
         gh if ctx.need_h else None,

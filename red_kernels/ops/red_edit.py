@@ -29,6 +29,7 @@ from torch import Tensor
 from red_kernels._backend import requested_backend, resolve, when_extension_loads
 from red_kernels.ops._common import (
     acc_dtype,
+    call_backward,
     check_floating,
     check_tensor_args,
     check_vector,
@@ -166,9 +167,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     h, scale = ctx.saved_tensors
     need_h, need_scale, need_bias = ctx.flags
-    grad_h, grad_scale, grad_bias = _red_edit_backward_op(
-        grad_out, h, scale, need_h, need_scale, need_bias, ctx.param_dtype, ctx.backend
-    )
+    args = (grad_out, h, scale, need_h, need_scale, need_bias, ctx.param_dtype)
+    grad_h, grad_scale, grad_bias = call_backward(_red_edit_backward_op, _bwd_reference, args, ctx.backend)
     return (
         grad_h if need_h else None,
         grad_scale if need_scale else None,

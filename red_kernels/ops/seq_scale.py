@@ -40,6 +40,7 @@ from torch import Tensor
 from red_kernels._backend import requested_backend, resolve, when_extension_loads
 from red_kernels.ops._common import (
     acc_dtype,
+    call_backward,
     check_floating,
     check_same_device,
     check_tensor_args,
@@ -221,7 +222,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     x, vec, seq_index = ctx.saved_tensors
     need_x, need_vec = ctx.flags
-    grad_x, grad_vec = _seq_scale_backward_op(grad_out, x, vec, seq_index, need_x, need_vec, ctx.backend)
+    args = (grad_out, x, vec, seq_index, need_x, need_vec)
+    grad_x, grad_vec = call_backward(_seq_scale_backward_op, _bwd_reference, args, ctx.backend)
     return (grad_x if need_x else None, grad_vec if need_vec else None, None, None)
 
 
