@@ -206,32 +206,17 @@ def _acc(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-class _ReLU(torch.autograd.Function):
-    """relu whose backward multiplies by relu' (``g * (x > 0)``), as the documented backward
-    ``gz = (g @ w_up^T) * act'(z)`` does, so ``inf * 0`` is NaN there; torch.relu's backward selects
-    instead (``where(x > 0, g, 0)``), which would hide an inf in g behind a zero. Forward is torch's:
-    relu(NaN) = NaN, relu(-inf) = 0."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.relu(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (x > 0).to(g.dtype)
-
-
 def _act(x: torch.Tensor, name: str) -> torch.Tensor:
-    """The activations in fp64; gelu, gelu_tanh and silu as torch defines them (their backward
-    formulas multiply by act', like the kernels')."""
+    """The activations in fp64, as torch defines them (gelu, gelu_tanh and silu backward multiply
+    by act', relu's selects, like the kernels')."""
     if name == "gelu":
         return F.gelu(x)
     if name == "gelu_tanh":
         return F.gelu(x, approximate="tanh")
     if name == "relu":
-        return _ReLU.apply(x)
+        # torch's relu: its backward selects (where(x <= 0, 0, g)), so an inf or NaN gradient is
+        # dropped where x <= 0 and passed at NaN x; the kernels and the reference do the same.
+        return torch.relu(x)
     return F.silu(x)
 
 

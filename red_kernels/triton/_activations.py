@@ -27,7 +27,7 @@ def act_forward(x, ACT: tl.constexpr):
     elif ACT == 1:
         y = 0.5 * x * (1.0 + _tanh((x + x * x * x * _COEF) * _SQRT_2_OVER_PI))
     elif ACT == 2:
-        y = tl.maximum(x, 0.0)
+        y = tl.where(x <= 0.0, 0.0, x)  # NaN stays NaN (tl.maximum may return 0 for it on GPUs)
     else:
         y = x * tl.sigmoid(x)
     return y
@@ -47,3 +47,14 @@ def act_backward(x, ACT: tl.constexpr):
         s = tl.sigmoid(x)
         dy = s * (1.0 + x * (1.0 - s))
     return dy
+
+
+@triton.jit
+def act_grad(g, x, ACT: tl.constexpr):
+    """``g * d act(x) / dx`` with torch's NaN/inf behaviour: relu's backward selects (0 where
+    x <= 0, else g, also at NaN x), so an inf or NaN g is dropped where x <= 0; the others multiply."""
+    if ACT == 2:
+        gx = tl.where(x <= 0.0, 0.0, g)
+    else:
+        gx = g * act_backward(x, ACT)
+    return gx

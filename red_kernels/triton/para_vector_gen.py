@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from red_kernels._backend import triton_interpreting
-from red_kernels.triton._activations import act_backward, act_forward
+from red_kernels.triton._activations import act_forward, act_grad
 
 
 @triton.jit
@@ -140,7 +140,7 @@ def _bwd_rows_kernel(
         w = tl.load(wu + rr[:, None] * N + cols[None, :], mask=wmask[:, None] & cmask[None, :], other=0.0)
         ga += tl.sum(_to_acc(w, FP64) * g[None, :], axis=1)
     a = tl.where(wmask, act_forward(z, ACT), 0.0)
-    gz = tl.where(wmask, ga * act_backward(z, ACT), 0.0)
+    gz = tl.where(wmask, act_grad(ga, z, ACT), 0.0)
     tl.store(a_ptr + b * R + rr, a, mask=rr < R)
     tl.store(gz_ptr + b * R + rr, gz, mask=rr < R)
     if NEED_H:  # grad_h is zeroed: a tenant -1 row keeps its zeros
