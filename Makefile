@@ -8,7 +8,7 @@ TRITON_SPEC ?= triton==3.7.1
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.red_kernels_setup
 
-.PHONY: setup build demo test bench lint format clean gpu-check
+.PHONY: setup build demo test test-asan bench lint format clean gpu-check
 
 setup: $(STAMP)
 
@@ -28,6 +28,23 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest python_tests -q $(PYTEST_ARGS)
+
+# The CPU extension built with AddressSanitizer + UndefinedBehaviorSanitizer into build/asan (a
+# copy of the package; the normal build is untouched), and the op tests run against it from there.
+# Python is not instrumented: libasan is preloaded (with libstdc++, or its __cxa_throw interceptor
+# finds nothing to wrap), leak checks (Python's own allocations) are off, and pytest captures
+# sys.stderr only, so a sanitizer report that ends the process is printed.
+ASAN_DIR := build/asan
+ASAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+ASAN_PRELOAD = $$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)
+ASAN_TESTS := red_edit seq_scale gathered_red_edit para_vector_gen gathered_para_vector_gen cpp_autograd
+test-asan: setup
+	rm -rf $(ASAN_DIR)/red_kernels && mkdir -p $(ASAN_DIR) && cp --parents $$(find red_kernels -name '*.py') $(ASAN_DIR)
+	CUDA_VISIBLE_DEVICES= CFLAGS="$(ASAN_FLAGS)" LDFLAGS="$(ASAN_FLAGS)" $(PY) setup.py -q build_ext \
+		--build-lib $(ASAN_DIR) --build-temp $(ASAN_DIR)/tmp
+	cd $(ASAN_DIR) && LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
+		$(abspath $(PY)) -m pytest -q --capture=sys -p no:cacheprovider $(PYTEST_ARGS) \
+		$(foreach t,$(ASAN_TESTS),$(CURDIR)/python_tests/test_$(t).py)
 
 # BENCH_TAG names the result files; e.g. make bench BENCH_ENV="THP_MEM_ALLOC_ENABLE=1" BENCH_TAG=thp
 BENCH_TAG ?= latest
