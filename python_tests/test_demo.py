@@ -55,6 +55,7 @@ def test_help_describes_each_command(argv, words, capsys):
         ["bench", "-k", "red_edit"],  # pytest arguments only after --
         ["frobnicate"],
         [],
+        ["demo", "--model", "no/such/checkpoint"],  # local paths only: no download
     ],
 )
 def test_unknown_flags_and_bad_values_are_errors(argv, capsys):
@@ -62,6 +63,19 @@ def test_unknown_flags_and_bad_values_are_errors(argv, capsys):
         main(argv)
     assert exc.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+def test_progress_fallback_without_tqdm(capsys):
+    from red_kernels.demo import _Fallback
+
+    bar = _Fallback(range(20), total=20, desc="training x")
+    seen = []
+    for i in bar:
+        seen.append(i)
+        bar.set_postfix_str(f"loss {i}")
+    assert seen == list(range(20))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].strip() == "training x: 2/20 loss 1" and lines[-1].strip() == "training x: 20/20 loss 19"
 
 
 def test_bench_passes_only_what_follows_the_separator(monkeypatch):

@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if passthrough and args.command != "bench":
         parser.error(f"{args.command} takes no arguments after --: {' '.join(passthrough)}")
+    if args.command == "demo" and args.model is not None and not os.path.isdir(args.model):
+        parser.error(f"--model {args.model}: not a directory (a local Hugging Face checkpoint; no download)")
     if args.command == "info":
         info()
         return 0

@@ -480,7 +480,10 @@ def pretrained_base(preset: Preset, seed: int, out: Path) -> tuple[object, dict]
 def load_base(path: str):
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if not os.path.isdir(path):
+        raise SystemExit(f"--model {path}: not a directory (the demo loads local checkpoints only, no download)")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    model.eval()
     vocab = model.get_input_embeddings().num_embeddings
     if vocab < MIN_VOCAB:
         raise SystemExit(
