@@ -126,6 +126,17 @@ def _require(model: nn.Module, fn: str):
 
 
 @contextlib.contextmanager
+def _bound(local: Local, attr: str, value) -> Iterator[None]:
+    """``local.<attr> = value`` inside the block; the outer value again after it, whatever happens."""
+    previous = getattr(local, attr)
+    setattr(local, attr, value)
+    try:
+        yield
+    finally:
+        setattr(local, attr, previous)
+
+
+@contextlib.contextmanager
 def tenants(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     """Run ``model(...)`` / ``model.generate(...)`` with one adapter per row: ``names[i]`` is an
     adapter name of the model or None (the base model). Rows that use different adapters go
@@ -142,24 +153,16 @@ def tenants(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
         raise ValueError(
             f"red_kernels.tenants: unknown adapter(s) {unknown}; the model has {sorted(state.adapters)} (None = base)"
         )
-    previous = state.local.tenants
-    state.local.tenants = names
-    try:
+    with _bound(state.local, "tenants", names):
         yield
-    finally:
-        state.local.tenants = previous
 
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[None]:
     """Run the base model: no adapter edits any row inside the block (per thread)."""
     state = _require(model, "disable_adapter")
-    previous = state.local.disabled
-    state.local.disabled = True
-    try:
+    with _bound(state.local, "disabled", True):
         yield
-    finally:
-        state.local.disabled = previous
 
 
 @contextlib.contextmanager
@@ -182,12 +185,8 @@ def prompt_lengths(model: nn.Module, lengths: Sequence[int] | Tensor) -> Iterato
         if values is None or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
             raise ValueError(f"red_kernels.prompt_lengths: argument 'lengths' must be a list of ints, got {lengths!r}")
         value = torch.tensor(values, dtype=torch.int64)
-    previous = state.local.prompt_lengths
-    state.local.prompt_lengths = value
-    try:
+    with _bound(state.local, "prompt_lengths", value):
         yield
-    finally:
-        state.local.prompt_lengths = previous
 
 
 # --- model-level hooks ---------------------------------------------------------------------------
