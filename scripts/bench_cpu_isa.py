@@ -50,7 +50,10 @@ def main() -> None:
         action="store_true",
         help="outputs reuse already-faulted heap memory (no mmap, no trim): times the loops without page faults",
     )
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     if args.warm:
         libc.mallopt(-4, 0)  # M_MMAP_MAX: never mmap, so freed outputs stay in the heap
