@@ -67,3 +67,34 @@ def assert_sum_close(out: torch.Tensor, ref: torch.Tensor, abs_sum: torch.Tensor
     bound = rel * abs_sum.to(ref.dtype) + 1e-30
     err = (out.to(ref.dtype) - ref).abs()
     assert bool((err <= bound * 4).all()), f"{what}: max error {err.max().item():.3g} (bound {bound.max().item():.3g})"
+
+
+# Builds of the CPU row kernels (csrc/common/cpu_isa.h), narrowest first; RED_KERNELS_CPU_ISA forces one.
+CPU_ISAS = ("base", "avx2", "avx512")
+ISA_ENVS = [{"RED_KERNELS_CPU_ISA": isa} for isa in CPU_ISAS]
+
+
+def run_cpu_probe(probe: str, env: dict[str, str]) -> None:
+    """Run ``probe`` (a script that prints "ok") in a fresh interpreter with ``env`` added. With
+    RED_KERNELS_CPU_ISA in ``env``: skip when this CPU cannot run that build, else check that it is
+    the build that ran."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    isa = env.get("RED_KERNELS_CPU_ISA")
+    if isa is not None:
+        from red_kernels import _C
+
+        if CPU_ISAS.index(isa) > CPU_ISAS.index(_C.cpu_isa_supported()):
+            pytest.skip(f"this CPU cannot run the {isa} build (it supports {_C.cpu_isa_supported()})")
+        probe += "\nfrom red_kernels import _C\nprint(_C.cpu_isa())\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
+    lines = proc.stdout.split()
+    assert proc.returncode == 0 and lines[:1] == ["ok"], proc.stderr[-3000:]
+    if isa is not None:
+        assert lines[1:] == [isa], f"asked for the {isa} build, ran {lines[1:]}"

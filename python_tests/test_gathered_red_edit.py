@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import assert_close, assert_sum_close, cpu_backends, gpu_backends
+from _helpers import ISA_ENVS, assert_close, assert_sum_close, cpu_backends, gpu_backends, run_cpu_probe
 
 import red_kernels as rk
 from red_kernels.ops.gathered_red_edit import _gathered_red_edit_backward_op, _gathered_red_edit_op
@@ -486,16 +486,10 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("env", [{"RED_KERNELS_CPU_ISA": "base"}, {}], ids=str)
+@pytest.mark.parametrize("env", [*ISA_ENVS, {}], ids=str)
 def test_cpu_runtime_paths(env):
-    """The baseline-ISA build of the row kernels computes the same as the default path."""
-    import os
-    import subprocess
-    import sys
-
+    """Every build of the row kernels this CPU can run (base, avx2, avx512) computes the same as the
+    default path."""
     if "cpu" not in BACKENDS:
         pytest.skip("compiled extension not built")
-    proc = subprocess.run(
-        [sys.executable, "-c", _PATH_PROBE], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_cpu_probe(_PATH_PROBE, env)

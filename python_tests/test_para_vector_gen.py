@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import cpu_backends, gpu_backends
+from _helpers import ISA_ENVS, cpu_backends, gpu_backends, run_cpu_probe
 from _para_helpers import check_against_reference, close, make_inputs
 
 import red_kernels as rk
@@ -508,17 +508,10 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("env", [{"RED_KERNELS_CPU_ISA": "base"}, {"RED_KERNELS_NO_HUGE_PAGES": "1"}, {}], ids=str)
+@pytest.mark.parametrize("env", [*ISA_ENVS, {"RED_KERNELS_NO_HUGE_PAGES": "1"}, {}], ids=str)
 def test_cpu_runtime_paths(env):
-    """The baseline-ISA build of the loops and the allocation without huge-page advice compute the
-    same as the default path."""
-    import os
-    import subprocess
-    import sys
-
+    """Every build of the loops this CPU can run (base, avx2, avx512) and the allocation without
+    huge-page advice compute the same as the default path."""
     if "cpu" not in BACKENDS:
         pytest.skip("compiled extension not built")
-    proc = subprocess.run(
-        [sys.executable, "-c", _PATH_PROBE], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_cpu_probe(_PATH_PROBE, env)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import assert_close, assert_sum_close, cpu_backends, gpu_backends
+from _helpers import ISA_ENVS, assert_close, assert_sum_close, cpu_backends, gpu_backends, run_cpu_probe
 
 import red_kernels as rk
 from red_kernels.ops.seq_scale import _seq_scale_backward_op, _seq_scale_op
@@ -398,20 +398,13 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("env", [{"RED_KERNELS_CPU_ISA": "base"}, {"RED_KERNELS_NO_HUGE_PAGES": "1"}], ids=str)
+@pytest.mark.parametrize("env", [*ISA_ENVS, {"RED_KERNELS_NO_HUGE_PAGES": "1"}], ids=str)
 def test_cpu_runtime_paths(env):
-    """The baseline-ISA build of the row kernels and the allocation without huge-page advice compute
-    the same as the default path (which the other tests run)."""
-    import os
-    import subprocess
-    import sys
-
+    """Every build of the row kernels this CPU can run (base, avx2, avx512) and the allocation
+    without huge-page advice compute the same as the default path (which the other tests run)."""
     if "cpu" not in BACKENDS:
         pytest.skip("compiled extension not built")
-    proc = subprocess.run(
-        [sys.executable, "-c", _PATH_PROBE], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_cpu_probe(_PATH_PROBE, env)
 
 
 # --- GPU --------------------------------------------------------------------------------------------

@@ -82,7 +82,17 @@ def extension_status() -> tuple[bool, str]:
     _ext_loaded = True
     while _ext_hooks:
         _ext_hooks.pop(0)()
-    return True, "compiled extension red_kernels._C"
+    return True, f"compiled extension red_kernels._C ({_cpu_isa_note()})"
+
+
+def _cpu_isa_note() -> str:
+    """Which build of the CPU row kernels runs (csrc/common/cpu_isa.h; RED_KERNELS_CPU_ISA)."""
+    from red_kernels import _C
+
+    try:
+        return f"CPU kernels: {_C.cpu_isa()}"
+    except (AttributeError, RuntimeError) as exc:  # an older build; a bad RED_KERNELS_CPU_ISA
+        return f"CPU kernels: {str(exc).splitlines()[0]}"
 
 
 # Cached: neither answer changes once the extension is loaded, and the eager path of every op asks

@@ -191,7 +191,7 @@ at::Tensor gathered_table(const c10::optional<at::Tensor>& p, int64_t d, const a
 
 // --- CPU kernels ------------------------------------------------------------------------------
 
-// red_edit's row loops, built for the baseline ISA and for AVX2 (see cpu_isa.h); their own
+// red_edit's row loops, built for the baseline ISA, AVX2 and AVX-512 (see cpu_isa.h); their own
 // namespace keeps these instantiations apart from red_edit.cpp's.
 namespace gathered_isa {
 namespace base {
@@ -203,6 +203,13 @@ namespace avx2 {
 #include "red_edit/red_edit_cpu_kernels.inc"
 }  // namespace avx2
 RK_END_AVX2
+#endif
+#if RK_HAVE_AVX512_PATH
+RK_BEGIN_AVX512
+namespace avx512 {
+#include "red_edit/red_edit_cpu_kernels.inc"
+}  // namespace avx512
+RK_END_AVX512
 #endif
 }  // namespace gathered_isa
 

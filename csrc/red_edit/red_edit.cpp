@@ -77,6 +77,13 @@ namespace avx2 {
 }  // namespace avx2
 RK_END_AVX2
 #endif
+#if RK_HAVE_AVX512_PATH
+RK_BEGIN_AVX512
+namespace avx512 {
+#include "red_edit/red_edit_cpu_kernels.inc"
+}  // namespace avx512
+RK_END_AVX512
+#endif
 
 namespace {
 
