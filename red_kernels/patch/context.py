@@ -101,6 +101,9 @@ def rows_for(state, batch: int) -> tuple[str | None, ...] | str | None:
 
 def tenant_ids(state, rows: tuple[str | None, ...], present: tuple[str, ...], device: torch.device) -> Tensor:
     """``[B]`` int64: each row's index in ``present``, -1 for rows whose adapter is not there."""
+    if torch.compiler.is_compiling():  # a constant of the graph; the cache key is not traceable
+        index = {n: i for i, n in enumerate(present)}
+        return torch.tensor([index.get(r, -1) for r in rows], dtype=torch.int64, device=device)
     # Inference-mode tensors cannot be saved for backward: a training forward builds its own.
     key = (rows, present, device, torch.is_inference_mode_enabled())
     ids = state.local.ids.get(key)
