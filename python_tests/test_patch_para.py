@@ -816,3 +816,23 @@ def test_compiled_training_step_equals_eager():
         close(got[0], want[0], atol=1e-6, rtol=1e-6)
     assert_differ(got[1], step(model)(*other_args)[1])
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_scales_in_place_exactly_as_seq_scale(dtype):
+    """Without autograd the scaled projections are multiplied in place (no second activation-sized
+    tensor); the logits equal the autograd path's (seq_scale) bit for bit."""
+    torch.manual_seed(0)
+    model = TINY["llama"]().to(dtype)
+    rk.patch_model(model, "para")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".para_gen." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    ids = torch.randint(3, VOCAB, (3, 9), generator=g)
+    with torch.no_grad():
+        inplace = model(ids).logits
+    with torch.enable_grad():
+        kernel = model(ids).logits.detach()
+    assert torch.equal(inplace, kernel)

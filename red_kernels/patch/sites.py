@@ -77,8 +77,16 @@ def site_hook(state, name: str, module: nn.Module, args: tuple, output):
         output = _apply_red(state, name, bank, rows, output)
     for layer, pieces in state.para_sites.get(name, ()):
         vec = state.local.vectors.get(layer)
-        if vec is not None:
-            output = seq_scale(output, _module_vector(vec, pieces, output.shape[-1]), backend=state.backend)
+        if vec is None:
+            continue
+        vec = _module_vector(vec, pieces, output.shape[-1])
+        if output.dim() == 3 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Inference: scale the projection's fresh output in place, as seq_scale would compute it
+            # (fp32 multiply, rounded once to the output's dtype), without a second
+            # activation-sized tensor (its page faults cost as much as the arithmetic on CPU).
+            output.mul_(vec.unsqueeze(1))
+        else:
+            output = seq_scale(output, vec, backend=state.backend)
     return output
 
 
