@@ -5,7 +5,7 @@ and writes JSON. The pytest-benchmark file bench_models.py times the same cases 
     python benchmarks/models_side_by_side.py train        # issue 10: training step, base / RED / PARA
     python benchmarks/models_side_by_side.py decode       # issue 10: greedy decoding, base / PARA
     python benchmarks/models_side_by_side.py tenants      # issue 11: mixed tenants, batch 8 / 8 tenants
-    python benchmarks/models_side_by_side.py tenants --batch 64 --tenants 1 8 64
+    python benchmarks/models_side_by_side.py tenants --batch 64 --tenants 1 8 64 --methods red --no-peft
 """
 
 from __future__ import annotations
@@ -72,12 +72,12 @@ def decode_cases() -> dict:
     return {"base": lambda: bm._generate(base, ids), "para": lambda: bm._generate(para, ids)}
 
 
-def tenant_cases(batch: int, tenants: int, peft: bool) -> dict:
+def tenant_cases(batch: int, tenants: int, peft: bool, methods: tuple[str, ...] = ("red", "para")) -> dict:
     base = bm._decode_model("tenants", 1024, 8, 16, 4, 2816)
     ids = torch.randint(3, 32000, (batch, 256), generator=torch.Generator().manual_seed(0))
     names = [f"t{i % tenants}" for i in range(batch)]
     cases = {"base": lambda: bm._generate(base, ids)}
-    for method in ("red", "para"):
+    for method in methods:
         bank = bm._tenant_bank(method, tenants)
 
         def go(bank=bank):
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tenants", type=int, nargs="+", default=[8])
     parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--methods", nargs="+", default=["red", "para"], choices=["red", "para"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     results = []
@@ -124,7 +125,8 @@ def main() -> None:
         elif args.what == "decode":
             cases, tokens = decode_cases(), 8 * 32
         else:
-            cases, tokens = tenant_cases(args.batch, tenants, not args.no_peft), args.batch * 32
+            cases = tenant_cases(args.batch, tenants, not args.no_peft, tuple(args.methods))
+            tokens = args.batch * 32
         med = interleave(cases, args.rounds)
         print(f"\n{group} (medians of {args.rounds} interleaved rounds)")
         for name, t in med.items():
