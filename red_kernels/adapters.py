@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 from torch import nn
@@ -405,8 +406,6 @@ def _full_name(config: AdapterConfig, name: str, place: str, param: str) -> str:
 
 
 def _esc(name: str) -> str:
-    import re
-
     return re.escape(name)
 
 

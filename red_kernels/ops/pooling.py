@@ -122,12 +122,16 @@ def last_token_index(attention_mask: Tensor, prompt_lengths: Tensor | Sequence[i
             f"red_kernels.{OP}: argument 'attention_mask' must be a Tensor, got {type(attention_mask).__name__}"
         )
     if prompt_lengths is not None and not isinstance(prompt_lengths, Tensor):
-        values = list(prompt_lengths) if isinstance(prompt_lengths, Sequence) else None
-        # bool is an int subclass; a float such as 1.5 must not be truncated to 1.
-        if values is None or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
-            raise ValueError(
-                f"red_kernels.{OP}: argument 'prompt_lengths' must be a LongTensor or a sequence of ints, "
-                f"got {prompt_lengths!r}"
-            )
-        prompt_lengths = torch.tensor(values, dtype=torch.int64, device=attention_mask.device)
+        prompt_lengths = lengths_tensor(prompt_lengths, OP, "prompt_lengths", attention_mask.device)
     return _last_token_index_op(attention_mask, prompt_lengths)
+
+
+def lengths_tensor(values: object, op: str, arg: str, device: torch.device | None = None) -> Tensor:
+    """A sequence of ints as an int64 tensor; ValueError naming ``op`` and ``arg`` for anything else
+    (bool is an int subclass; a float such as 1.5 must not be truncated to 1)."""
+    items = list(values) if isinstance(values, Sequence) and not isinstance(values, str) else None
+    if items is None or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
+        raise ValueError(
+            f"red_kernels.{op}: argument '{arg}' must be a LongTensor or a sequence of ints, got {values!r}"
+        )
+    return torch.tensor(items, dtype=torch.int64, device=device)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from red_kernels.ops.pooling import last_token_index
+from red_kernels.ops.pooling import last_token_index, lengths_tensor
 
 CACHE_ATTR = "_red_kernels_para_vectors"  # on a transformers Cache object: {state key: {layer: [B, n]}}
 IGNORE_INDEX = -100  # transformers' label of tokens that are not trained on (the prompt, padding)
@@ -182,12 +182,7 @@ def prompt_lengths(model: nn.Module, lengths: Sequence[int] | Tensor) -> Iterato
             )
         value = lengths.to(torch.int64)
     else:
-        import numbers
-
-        values = list(lengths) if isinstance(lengths, Sequence) and not isinstance(lengths, str) else None
-        if values is None or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
-            raise ValueError(f"red_kernels.prompt_lengths: argument 'lengths' must be a list of ints, got {lengths!r}")
-        value = torch.tensor(values, dtype=torch.int64)
+        value = lengths_tensor(lengths, "prompt_lengths", "lengths")
     with _bound(state.local, "prompt_lengths", value):
         yield
 
