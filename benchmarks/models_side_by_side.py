@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import json
 import os
 import platform
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -47,6 +50,51 @@ def interleave(cases: dict, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_extra_memory(fn) -> int:
+    """Bytes of resident memory a call adds at its peak: the RSS sampled every millisecond by a
+    thread, minus the RSS before the call. Freed heap memory is returned to the system first
+    (``malloc_trim``) so that memory cached by earlier calls does not hide this call's peak. Run
+    apart from the timed rounds (the sampling thread takes the GIL)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    before = peak = _rss()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak, _rss()) - before
+
+
+def model_bytes(*models) -> int:
+    """Parameters and buffers of the models a case runs (shared tensors counted once)."""
+    seen, total = set(), 0
+    for m in models:
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
 def train_cases() -> dict:
     models = bm._train_models()
     ids = torch.randint(3, 32000, (4, 256), generator=torch.Generator().manual_seed(0))
@@ -72,11 +120,15 @@ def decode_cases() -> dict:
     return {"base": lambda: bm._generate(base, ids), "para": lambda: bm._generate(para, ids)}
 
 
+MODELS: dict = {}  # case name -> the model it runs, for the memory columns
+
+
 def tenant_cases(batch: int, tenants: int, peft: bool, methods: tuple[str, ...] = ("red", "para")) -> dict:
     base = bm._decode_model("tenants", 1024, 8, 16, 4, 2816)
     ids = torch.randint(3, 32000, (batch, 256), generator=torch.Generator().manual_seed(0))
     names = [f"t{i % tenants}" for i in range(batch)]
     cases = {"base": lambda: bm._generate(base, ids)}
+    MODELS["base"] = base
     for method in methods:
         bank = bm._tenant_bank(method, tenants)
 
@@ -85,6 +137,7 @@ def tenant_cases(batch: int, tenants: int, peft: bool, methods: tuple[str, ...] 
                 bm._generate(bank, ids)
 
         cases[f"{method} tenants"] = go
+        MODELS[f"{method} tenants"] = bank
     if peft:
         lora = bm._peft_bank("lora", tenants)
 
@@ -93,6 +146,7 @@ def tenant_cases(batch: int, tenants: int, peft: bool, methods: tuple[str, ...] 
                 lora.generate(input_ids=ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, adapter_names=names)
 
         cases["peft lora mixed"] = go_lora
+        MODELS["peft lora mixed"] = lora
         ia3 = bm._peft_bank("ia3", tenants)
 
         def go_ia3():
@@ -102,6 +156,7 @@ def tenant_cases(batch: int, tenants: int, peft: bool, methods: tuple[str, ...] 
                 bm._generate(ia3, ids[rows])
 
         cases["peft ia3 loop"] = go_ia3
+        MODELS["peft ia3 loop"] = ia3
     return cases
 
 
@@ -128,11 +183,21 @@ def main() -> None:
             cases = tenant_cases(args.batch, tenants, not args.no_peft, tuple(args.methods))
             tokens = args.batch * 32
         med = interleave(cases, args.rounds)
+        peak = {name: peak_extra_memory(fn) for name, fn in cases.items()} if args.what == "tenants" else {}
         print(f"\n{group} (medians of {args.rounds} interleaved rounds)")
         for name, t in med.items():
-            extra = f"  {tokens / t:8.1f} tokens/s" if tokens else ""
-            print(f"  {name:<18} {t * 1000:9.1f} ms  x{t / med['base']:.3f} of base time{extra}")
-            results.append({"group": group, "variant": name, "median_s": t, "ratio_to_base_time": t / med["base"]})
+            row = {"group": group, "variant": name, "median_s": t, "ratio_to_base_time": t / med["base"]}
+            extra = ""
+            if tokens:
+                row["tokens_per_s"] = tokens / t
+                extra += f"  {tokens / t:8.1f} tokens/s  x{med['base'] / t:.3f} of base tokens/s"
+            if name in peak:
+                row["weights_mb"] = model_bytes(MODELS[name]) / 2**20
+                row["peak_extra_rss_mb"] = peak[name] / 2**20
+                extra += f"  weights {row['weights_mb']:7.1f} MB  peak +{row['peak_extra_rss_mb']:6.1f} MB"
+            print(f"  {name:<18} {t * 1000:9.1f} ms{extra}")
+            results.append(row)
+        MODELS.clear()
     meta = {
         "machine": f"{_cpu()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
