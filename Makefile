@@ -12,11 +12,11 @@ STAMP := $(VENV)/.red_kernels_setup
 
 setup: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+$(STAMP): Makefile setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q $(TRITON_SPEC) numpy ninja pytest pytest-benchmark pytest-timeout hypothesis safetensors "transformers>=5" matplotlib tqdm ruff clang-format
+	$(PY) -m pip install -q $(TRITON_SPEC) numpy ninja pytest pytest-benchmark pytest-timeout hypothesis safetensors "transformers>=5" accelerate peft matplotlib tqdm ruff clang-format
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
 

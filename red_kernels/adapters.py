@@ -34,6 +34,7 @@ from red_kernels.patch.methods import BANK_ATTRS, check_adapter_name, file_key, 
 from red_kernels.patch.targets import ARCH_BY_NAME, METHODS
 
 WEIGHTS_NAME = "adapter.safetensors"
+CHECKPOINT_WEIGHTS_NAME = "model.safetensors"  # save_pretrained / Trainer checkpoints: full state-dict keys
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "red_kernels.adapter"
 FORMAT_VERSION = 1
@@ -81,17 +82,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
-    """Write ``adapter.safetensors`` and ``adapter_config.json`` of one adapter (default: the active
-    one) of a patched model to ``directory``."""
-    from safetensors.torch import save_file
-
+def _meta(model: nn.Module, state, name: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """``adapter_config.json`` of adapter ``name`` whose tensors (file keys) are ``tensors``."""
     from red_kernels import __version__
 
-    state = require_patched(model, "save_adapter")
-    name = _name(state, adapter_name, "save_adapter")
     config = state.adapters[name]
-    tensors = adapter_state_dict(model, name)
     own = set(config.file_keys())
     model_config = getattr(model, "config", None)
     meta = {
@@ -102,6 +97,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         "architecture": state.architecture,
         "model_type": getattr(model_config, "model_type", None),
         "model_class": type(model).__name__,
+        "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
         "targets": config.targets,
         "target_patterns": config.target_patterns,
         "dims": config.dims,
@@ -125,11 +121,88 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         )
     else:
         meta.update(scale=config.scale, bias=config.bias)
+    return meta
+
+
+def _write(directory: str, weights: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    from safetensors.torch import save_file
+
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
+    save_file(tensors, os.path.join(directory, weights), metadata={"format": "pt", "producer": FORMAT})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Write ``adapter.safetensors`` and ``adapter_config.json`` of one adapter (default: the active
+    one) of a patched model to ``directory``."""
+    state = require_patched(model, "save_adapter")
+    name = _name(state, adapter_name, "save_adapter")
+    tensors = adapter_state_dict(model, name)
+    _write(os.fspath(directory), WEIGHTS_NAME, tensors, _meta(model, state, name, tensors))
+
+
+def checkpoint_keys(model: nn.Module) -> dict[str, str]:
+    """Full state-dict key -> file key of what a checkpoint of the patched model holds: the active
+    adapter's tensors and the parameters of the modules kept trainable."""
+    state = require_patched(model, "save_pretrained")
+    out = {}
+    if state.active is not None:
+        config = state.adapters[state.active]
+        out = {
+            _full_name(config, state.active, place, p): file_key(config, place, p)
+            for place in config.targets
+            for p in config.param_names(place)
+        }
+    out.update({k: k for k in _trainable_params(model, state.trainable)})
+    return out
+
+
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    is_main_process: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    push_to_hub: bool = False,
+    **kwargs,
+) -> None:
+    """``model.save_pretrained(directory)`` of a patched transformers model: what transformers'
+    ``Trainer`` calls for every checkpoint and for ``save_model()``.
+
+    Writes the adapters, not the frozen base: the active adapter (the one that trains) and the
+    modules kept trainable in ``directory`` as ``model.safetensors`` (the model's own state-dict
+    keys, which ``Trainer(resume_from_checkpoint=...)`` loads into the patched model) with its
+    ``adapter_config.json``; every other adapter in ``directory/<name>/`` as :func:`save_adapter`
+    writes it. No ``config.json``: ``from_pretrained`` of the directory fails instead of building a
+    model without its base weights. Load it with ``red_kernels.load_adapter(base_model, directory)``.
+
+    ``state_dict`` (a full state dict gathered by FSDP or DeepSpeed) is where the tensors are read
+    when given; ``is_main_process=False`` writes nothing; other transformers options (shard size,
+    safe serialization, ...) do not apply to a few megabytes of adapter and are ignored."""
+    if push_to_hub:
+        raise ValueError(
+            "red_kernels: save_pretrained(push_to_hub=True) of a patched model is not supported; save it, "
+            "then upload the directory (huggingface_hub.upload_folder)"
+        )
+    state = require_patched(model, "save_pretrained")
+    if not is_main_process:
+        return
+    directory = os.fspath(save_directory)
+    keys = checkpoint_keys(model)
+    if state.active is not None:
+        live = dict(model.state_dict(keep_vars=True))
+        source = state_dict if state_dict is not None else live
+        missing = [k for k in keys if k not in source]
+        if missing:
+            raise ValueError(f"red_kernels.save_pretrained: state_dict lacks {len(missing)} key(s): {missing[:5]}")
+        tensors = {k: source[k].detach().to("cpu", copy=True).contiguous() for k in keys}
+        meta = _meta(model, state, state.active, {keys[k]: v for k, v in tensors.items()})
+        meta.update(weights=CHECKPOINT_WEIGHTS_NAME, adapter_name=state.active)
+        _write(directory, CHECKPOINT_WEIGHTS_NAME, tensors, meta)
+    for name in state.adapters:
+        if name != state.active:
+            save_adapter(model, os.path.join(directory, name), name)
 
 
 # --- reading and checking --------------------------------------------------------------------------
@@ -195,6 +268,10 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     if len(set(trainable)) != len(trainable):
         raise _bad(path, "field 'trainable' lists a module twice")
     _field(meta, path, "target_patterns", _str_list, "a list of patterns or null", optional=True)
+    weights = (WEIGHTS_NAME, CHECKPOINT_WEIGHTS_NAME)
+    _field(meta, path, "weights", lambda v: v in weights, f"one of {list(weights)}", optional=True)
+    if meta.get("weights") == CHECKPOINT_WEIGHTS_NAME:  # keys are the saving model's: they hold its name
+        _field(meta, path, "adapter_name", lambda v: isinstance(v, str) and v, "the saved adapter's name")
     params = _field(meta, path, "trainable_parameters", lambda v: isinstance(v, dict), "an object", optional=True)
     for key, info in (params or {}).items():
         if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)):
@@ -223,18 +300,29 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     return meta
 
 
-def _read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+def _read_tensors(directory: str | os.PathLike, meta: dict, config: AdapterConfig) -> dict[str, torch.Tensor]:
+    """The adapter's tensors by file key (a checkpoint's full keys mapped back)."""
     from safetensors.torch import load_file
 
-    path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
+    weights = meta.get("weights") or WEIGHTS_NAME
+    path = os.path.join(os.fspath(directory), weights)
     if not os.path.isfile(path):
         raise ValueError(
-            f"red_kernels.load_adapter: no {WEIGHTS_NAME} in {os.fspath(directory)!r}; the model was left unchanged"
+            f"red_kernels.load_adapter: no {weights} in {os.fspath(directory)!r}; the model was left unchanged"
         )
     try:
-        return load_file(path)
+        tensors = load_file(path)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for any damage
         raise _bad(path, f"not a readable safetensors file (truncated, empty or another format: {exc})") from None
+    if weights == CHECKPOINT_WEIGHTS_NAME:
+        saved = meta["adapter_name"]
+        to_file = {
+            _full_name(config, saved, place, p): file_key(config, place, p)
+            for place in config.targets
+            for p in config.param_names(place)
+        }
+        tensors = {to_file.get(k, k): v for k, v in tensors.items()}
+    return tensors
 
 
 def _config_from(meta: dict) -> AdapterConfig:
@@ -296,9 +384,9 @@ def _validate(model: nn.Module, meta: dict, config: AdapterConfig, tensors: dict
         expected[key] = (tuple(p.shape), dtype)
     absent, extra = set(expected) - set(tensors), set(tensors) - set(expected)
     if absent:
-        raise _bad(path, f"{WEIGHTS_NAME} lacks {len(absent)} tensor(s): {sorted(absent)[:5]}")
+        raise _bad(path, f"the file lacks {len(absent)} tensor(s): {sorted(absent)[:5]}")
     if extra:
-        raise _bad(path, f"{WEIGHTS_NAME} has {len(extra)} tensor(s) the model does not: {sorted(extra)[:5]}")
+        raise _bad(path, f"the file has {len(extra)} tensor(s) the model does not: {sorted(extra)[:5]}")
     for key, (shape, dtype) in expected.items():
         t = tensors[key]
         if tuple(t.shape) != tuple(shape):
@@ -314,7 +402,8 @@ def load_adapter(
     *,
     backend: str | None = None,
 ) -> nn.Module:
-    """Load an adapter saved by :func:`save_adapter`.
+    """Load an adapter saved by :func:`save_adapter`, or by ``save_pretrained`` of a patched model
+    (a transformers ``Trainer`` checkpoint or ``save_model()`` directory, see :func:`save_pretrained`).
 
     - On a plain model: patch it as the adapter says and load the tensors, as adapter
       ``adapter_name`` (default ``"default"``), active and trainable.
@@ -328,9 +417,9 @@ def load_adapter(
     widths, missing or extra tensors, shapes, dtypes, a name in use) raises ValueError naming the
     file and the field, before the model is changed. Nothing is unpickled. Returns ``model``."""
     meta = read_adapter_config(directory)
-    path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
-    tensors = _read_tensors(directory)
+    path = os.path.join(os.fspath(directory), meta.get("weights") or WEIGHTS_NAME)
     config = _config_from(meta)
+    tensors = _read_tensors(directory, meta, config)
     _validate(model, meta, config, tensors, path)
     state = patch_state(model)
     if state is None:
@@ -409,4 +498,4 @@ def _esc(name: str) -> str:
     return re.escape(name)
 
 
-__all__ = ["adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter"]
+__all__ = ["adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter", "save_pretrained"]

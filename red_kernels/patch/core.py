@@ -12,6 +12,8 @@ The patch's bookkeeping lives on the model in the attribute ``_red_kernels_patch
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Set
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +53,7 @@ class PatchState:
     encoder_stacks: set[str] = field(default_factory=set)
     tables: dict = field(default_factory=dict)  # cached [K, ...] tables of mixed batches (no grad)
     local: Local = field(default_factory=Local)  # per-thread context of the forward
+    saved_attrs: dict = field(default_factory=dict)  # the model's own attributes that saving replaced
 
     @property
     def key(self) -> int:
@@ -200,6 +203,13 @@ def _check_unpatched(model: nn.Module) -> None:
         raise ValueError(
             f"red_kernels.patch_model: the model is already patched{what}; add adapters with "
             "red_kernels.load_adapter, or call red_kernels.unpatch_model (or merge_model) first"
+        )
+    peft = [n for n, m in model.named_modules() if type(m).__module__.startswith("peft.")]
+    if peft:
+        raise ValueError(
+            f"red_kernels.patch_model: the model holds PEFT modules ({peft[0] or 'the model itself'!r}, "
+            f"{type(model.get_submodule(peft[0])).__name__}); patch the base model before PEFT wraps it, "
+            "or load a PEFT IA3 adapter with red_kernels.load_adapter"
         )
 
 
@@ -388,7 +398,63 @@ def patch_model(
             if not set(BANK_ATTRS) & set(pname.split(".")):
                 p.requires_grad_(True)
     setattr(model, STATE_ATTR, state)
+    _attach_saving(model, state)
     return model
+
+
+# --- saving through transformers (save_pretrained, Trainer checkpoints) ------------------------------
+
+SAVE_ATTRS = ("save_pretrained", "_keys_to_ignore_on_save")
+
+
+class FrozenKeys(Set):
+    """The state-dict keys that ``save_pretrained`` of a patched model leaves out: the frozen base and
+    the inactive adapters, computed when read (so adding an adapter costs nothing here).
+
+    transformers' Trainer, resuming from a checkpoint, compares the keys the checkpoint lacks with
+    the model's ``_keys_to_ignore_on_save`` and warns only when they differ."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def _keys(self) -> set[str]:
+        from red_kernels.adapters import checkpoint_keys
+
+        saved = checkpoint_keys(self.model)
+        return {k for k in self.model.state_dict(keep_vars=True) if k not in saved}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys()
+
+    def __iter__(self):
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+
+def _save_pretrained(model: nn.Module, *args, **kwargs) -> None:
+    from red_kernels.adapters import save_pretrained
+
+    save_pretrained(model, *args, **kwargs)
+
+
+def _attach_saving(model: nn.Module, state: PatchState) -> None:
+    """A transformers model's ``save_pretrained`` (which Trainer checkpoints and ``save_model`` call)
+    writes the adapters instead of the base weights: see :func:`red_kernels.adapters.save_pretrained`."""
+    if not callable(getattr(type(model), "save_pretrained", None)):
+        return
+    state.saved_attrs = {a: model.__dict__[a] for a in SAVE_ATTRS if a in model.__dict__}
+    model.__dict__["save_pretrained"] = functools.partial(_save_pretrained, model)
+    model.__dict__["_keys_to_ignore_on_save"] = FrozenKeys(model)
+
+
+def _detach_saving(model: nn.Module, state: PatchState) -> None:
+    save = model.__dict__.get("save_pretrained")
+    if isinstance(save, functools.partial) and save.func is _save_pretrained:
+        for attr in SAVE_ATTRS:
+            model.__dict__.pop(attr, None)
+        model.__dict__.update(state.saved_attrs)
 
 
 def _remove_everything(model: nn.Module, state: PatchState) -> None:
@@ -400,6 +466,7 @@ def _remove_everything(model: nn.Module, state: PatchState) -> None:
     for name, p in model.named_parameters():
         if name in state.requires_grad:
             p.requires_grad_(state.requires_grad[name])
+    _detach_saving(model, state)
     if getattr(model, STATE_ATTR, None) is state:
         delattr(model, STATE_ATTR)
 

@@ -8,6 +8,7 @@ the weight's dtype. PARA cannot be merged: its vectors depend on the input.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import warnings
 
@@ -182,11 +183,25 @@ def merge_model(model: nn.Module) -> nn.Module:
         warnings.warn(
             f"red_kernels.merge_model: {len(orphan)} layer(s) gained a bias that {type(model).__name__}'s "
             f"config cannot describe (e.g. {orphan[0]!r}); the merged model computes correctly, but "
-            "transformers' from_pretrained will not reload those biases. Ship the adapter "
-            "(red_kernels.save_adapter) and merge after loading instead.",
+            "transformers' from_pretrained will not reload those biases, so its save_pretrained now refuses. "
+            "Ship the adapter (red_kernels.save_adapter) and merge after loading instead.",
             stacklevel=2,
         )
+        if callable(getattr(type(model), "save_pretrained", None)):
+            model.__dict__["save_pretrained"] = functools.partial(_refuse_save, type(model).__name__, orphan)
     return model
+
+
+def _refuse_save(cls: str, orphan: list[str], *args, **kwargs) -> None:
+    """``save_pretrained`` of a merged model whose new biases its config cannot describe: transformers
+    would write them and ``from_pretrained`` would drop them, reloading a different model."""
+    raise ValueError(
+        f"red_kernels: this {cls} was merged by red_kernels.merge_model, which gave {len(orphan)} layer(s) "
+        f"a bias its config cannot describe (e.g. {orphan[0]!r}); from_pretrained would silently drop them. "
+        "Save the adapter instead (red_kernels.save_adapter before merging; load_adapter + merge_model after "
+        "loading the base), or save the state dict yourself (safetensors.torch.save_model) and load it into "
+        "a model whose layers have those biases. `del model.save_pretrained` restores transformers' method."
+    )
 
 
 __all__ = ["merge_model"]
