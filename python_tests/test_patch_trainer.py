@@ -127,7 +127,7 @@ def test_save_pretrained_options(tmp_path):
 # --- Trainer -------------------------------------------------------------------------------------
 
 
-def _trainer(model, out, max_steps, **kw):
+def _trainer(model, out, max_steps, eval_dataset=None, **kw):
     args = transformers.TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=4,
@@ -145,7 +145,7 @@ def _trainer(model, out, max_steps, **kw):
         dataloader_num_workers=0,
         **kw,
     )
-    return transformers.Trainer(model=model, args=args, train_dataset=_rows())
+    return transformers.Trainer(model=model, args=args, train_dataset=_rows(), eval_dataset=eval_dataset)
 
 
 @pytest.fixture
@@ -183,6 +183,30 @@ def test_trainer_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path, metho
         plain = rk.unpatch_model(copy.deepcopy(full))
         rk.load_adapter(plain, where)
         torch.testing.assert_close(_logits(plain), trained_logits, rtol=0, atol=0)
+
+
+def test_trainer_load_best_model_at_end_restores_the_best_vectors(tmp_path, transformers_warnings):
+    model = _patched("para")
+    trainer = _trainer(
+        model,
+        tmp_path / "run",
+        6,
+        eval_strategy="steps",
+        eval_steps=3,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,  # "best" = the higher eval loss: the earlier checkpoint, not the live vectors
+        eval_dataset=_rows(8, seed=3),
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith("checkpoint-3")
+    assert not [r for r in transformers_warnings.records if "keys" in r.getMessage()]
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(best, "model.safetensors"))
+    live = model.state_dict()
+    assert saved and all(torch.equal(live[k], v) for k, v in saved.items())
 
 
 def test_resume_without_the_checkpoint_would_differ(tmp_path):
