@@ -195,7 +195,9 @@ def test_trainer_load_best_model_at_end_restores_the_best_vectors(tmp_path, tran
         eval_steps=3,
         load_best_model_at_end=True,
         metric_for_best_model="loss",
-        greater_is_better=True,  # "best" = the higher eval loss: the earlier checkpoint, not the live vectors
+        # random tokens: the held-out loss rises as the vectors fit the training rows, so the best is
+        # the earlier checkpoint and loading it changes the live vectors (the test can fail)
+        greater_is_better=False,
         eval_dataset=_rows(8, seed=3),
     )
     trainer.train()
