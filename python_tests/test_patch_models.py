@@ -294,3 +294,25 @@ def test_a_hand_built_wrapper_is_not_a_patch():
     model = nn.Sequential(rk.nn.REDWrapped(nn.Linear(4, 4), rk.nn.REDEdit(4)), nn.Linear(4, 4))
     rk.patch_model(model, "red", targets=["1"])
     assert rk.patch.patch_state(model).targets == ["1"]
+
+
+@pytest.mark.parametrize("method", ["red", "para"])
+@pytest.mark.parametrize("arch", ["llama", "t5-relu", "gpt2"])
+def test_a_deleted_patched_model_is_freed_without_the_garbage_collector(arch, method):
+    """No reference cycle through the model (a method bound to it stored on it would make one): a
+    bank of tenants built from patched copies must not keep each copy until a full gc pass."""
+    import gc
+    import weakref
+
+    model = rk.patch_model(TINY[arch](), method)
+    args = inputs_for(model)
+    with torch.no_grad():
+        model(**args)
+    gc.collect()
+    gc.disable()
+    try:
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -249,7 +249,7 @@ def root_post_hook(state, module: nn.Module, args: tuple, kwargs: dict, output) 
     state.local.label_lengths = None
 
 
-def generate_with_prompt(state, model: nn.Module, *args, **kwargs):
+def generate_with_prompt(state, model: nn.Module, generate, *args, **kwargs):
     """``model.generate`` of a patched causal LM: the prompt's length is known for the whole
     generation, so every forward pools the prompt's last token, also without a KV cache
     (``use_cache=False`` reruns prompt + generated tokens at every step)."""
@@ -267,8 +267,8 @@ def generate_with_prompt(state, model: nn.Module, *args, **kwargs):
             )
         if lengths is not None and bool((lengths > 0).all()):
             with prompt_lengths(model, lengths):
-                return type(model).generate(model, *args, **kwargs)
-    return type(model).generate(model, *args, **kwargs)
+                return generate(model, *args, **kwargs)
+    return generate(model, *args, **kwargs)
 
 
 def _pool_index(state, mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:

@@ -12,7 +12,6 @@ The patch's bookkeeping lives on the model in the attribute ``_red_kernels_patch
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Set
 from dataclasses import dataclass, field
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from red_kernels._backend import BACKENDS
-from red_kernels.patch import sites
+from red_kernels.patch import context, sites
 from red_kernels.patch.context import Local
 from red_kernels.patch.methods import (
     BANK_ATTRS,
@@ -53,7 +52,7 @@ class PatchState:
     encoder_stacks: set[str] = field(default_factory=set)
     tables: dict = field(default_factory=dict)  # cached [K, ...] tables of mixed batches (no grad)
     local: Local = field(default_factory=Local)  # per-thread context of the forward
-    saved_attrs: dict = field(default_factory=dict)  # the model's own attributes that saving replaced
+    prompt_generate: bool = False  # generate fixes the prompt length (PARA pooling the prompt's last token)
 
     @property
     def key(self) -> int:
@@ -279,6 +278,7 @@ def refresh_hooks(model: nn.Module, state: PatchState) -> None:
         s for s in stacks if spec.para.decoder_pools_encoder and getattr(modules[s], "is_decoder", False)
     }
     root_needed = bool(layers) and spec.para.labels_are_tokens
+    state.prompt_generate = root_needed
     for mname, module in modules.items():
         sites.detach_hooks(module)
         if mname in sites_needed:
@@ -398,13 +398,11 @@ def patch_model(
             if not set(BANK_ATTRS) & set(pname.split(".")):
                 p.requires_grad_(True)
     setattr(model, STATE_ATTR, state)
-    _attach_saving(model, state)
+    _attach_root_class(model)
     return model
 
 
 # --- saving through transformers (save_pretrained, Trainer checkpoints) ------------------------------
-
-SAVE_ATTRS = ("save_pretrained", "_keys_to_ignore_on_save")
 
 
 class FrozenKeys(Set):
@@ -433,28 +431,59 @@ class FrozenKeys(Set):
         return len(self._keys())
 
 
-def _save_pretrained(model: nn.Module, *args, **kwargs) -> None:
+def _save_pretrained(self, *args, **kwargs) -> None:
     from red_kernels.adapters import save_pretrained
 
-    save_pretrained(model, *args, **kwargs)
+    save_pretrained(self, *args, **kwargs)
 
 
-def _attach_saving(model: nn.Module, state: PatchState) -> None:
-    """A transformers model's ``save_pretrained`` (which Trainer checkpoints and ``save_model`` call)
-    writes the adapters instead of the base weights: see :func:`red_kernels.adapters.save_pretrained`."""
-    if not callable(getattr(type(model), "save_pretrained", None)):
+def _set_ignored(self, value) -> None:  # transformers' post_init assigns it
+    self.__dict__["_keys_to_ignore_on_save"] = value
+
+
+def _generate(self, *args, **kwargs):
+    state = patch_state(self)
+    generate = vars(type(self))[ROOT_BASE].generate
+    if state is not None and state.prompt_generate:
+        return context.generate_with_prompt(state, self, generate, *args, **kwargs)
+    return generate(self, *args, **kwargs)
+
+
+_ROOT_CLASSES: dict[type, type] = {}
+ROOT_BASE = "_red_kernels_root_base"
+
+
+def _attach_root_class(model: nn.Module) -> None:
+    """A patched transformers model's class becomes a subclass (same name) whose
+
+    - ``save_pretrained`` (which Trainer checkpoints and ``save_model()`` call) writes the adapters
+      instead of the base weights (:func:`red_kernels.adapters.save_pretrained`), with a
+      ``_keys_to_ignore_on_save`` listing the frozen keys (:class:`FrozenKeys`);
+    - ``generate`` fixes the prompt's length for the whole generation when PARA pools it
+      (:func:`~red_kernels.patch.context.generate_with_prompt`).
+
+    A class rather than methods stored on the instance: those would hold the model and make a
+    reference cycle, keeping a deleted model's memory until the garbage collector's next full pass."""
+    cls = type(model)
+    if ROOT_BASE in vars(cls):
         return
-    state.saved_attrs = {a: model.__dict__[a] for a in SAVE_ATTRS if a in model.__dict__}
-    model.__dict__["save_pretrained"] = functools.partial(_save_pretrained, model)
-    model.__dict__["_keys_to_ignore_on_save"] = FrozenKeys(model)
+    if cls not in _ROOT_CLASSES:
+        body = {ROOT_BASE: cls, "__module__": cls.__module__, "__qualname__": f"RED_KERNELS[{cls.__qualname__}]"}
+        if callable(getattr(cls, "save_pretrained", None)):
+            body["save_pretrained"] = _save_pretrained
+            body["_keys_to_ignore_on_save"] = property(FrozenKeys, _set_ignored)
+        if callable(getattr(cls, "generate", None)):
+            body["generate"] = _generate
+        if len(body) == 3:
+            return
+        _ROOT_CLASSES[cls] = type(cls.__name__, (cls,), body)
+    model.__class__ = _ROOT_CLASSES[cls]
 
 
-def _detach_saving(model: nn.Module, state: PatchState) -> None:
-    save = model.__dict__.get("save_pretrained")
-    if isinstance(save, functools.partial) and save.func is _save_pretrained:
-        for attr in SAVE_ATTRS:
-            model.__dict__.pop(attr, None)
-        model.__dict__.update(state.saved_attrs)
+def _detach_root_class(model: nn.Module) -> None:
+    base = vars(type(model)).get(ROOT_BASE)
+    if base is not None:
+        model.__class__ = base
 
 
 def _remove_everything(model: nn.Module, state: PatchState) -> None:
@@ -466,7 +495,7 @@ def _remove_everything(model: nn.Module, state: PatchState) -> None:
     for name, p in model.named_parameters():
         if name in state.requires_grad:
             p.requires_grad_(state.requires_grad[name])
-    _detach_saving(model, state)
+    _detach_root_class(model)
     if getattr(model, STATE_ATTR, None) is state:
         delattr(model, STATE_ATTR)
 

@@ -258,8 +258,6 @@ def attach_stack(state, module: nn.Module, stack: str, layers: tuple[str, ...]) 
 
 
 def attach_root(state, module: nn.Module) -> None:
-    if callable(getattr(type(module), "generate", None)):
-        module.__dict__["generate"] = functools.partial(context.generate_with_prompt, state, module)
     if not has_hook(module, context.root_pre_hook):
         reader = context.ArgReader(module)
         module.register_forward_pre_hook(functools.partial(context.root_pre_hook, state, reader), with_kwargs=True)
@@ -284,6 +282,3 @@ def detach_hooks(module: nn.Module) -> None:
     if base is not None:
         module.__class__ = base
     module.__dict__.pop(LAYER_ATTR, None)
-    generate = module.__dict__.get("generate")
-    if isinstance(generate, functools.partial) and generate.func is context.generate_with_prompt:
-        del module.__dict__["generate"]
