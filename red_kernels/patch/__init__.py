@@ -1,10 +1,10 @@
-"""Patch Hugging Face models with RED, RED+ and PARA adapters: targets per architecture, named
+"""Patch Hugging Face models with RED, RED+, IA3 and PARA adapters: targets per architecture, named
 adapters, per-row tenants, patch / unpatch / merge.
 
 Files, one concern each: ``targets`` (per-architecture tables), ``methods`` (what each method
 attaches where), ``sites`` (the hooks that apply adapters), ``context`` (the per-forward context:
 rows' adapters, pooled tokens, decode vectors), ``core`` (patch / unpatch / named adapters),
-``merge`` (folding RED into the weights)."""
+``merge`` (folding RED and IA3 into the weights)."""
 
 from red_kernels.patch.context import disable_adapter, prompt_lengths, tenants
 from red_kernels.patch.core import (

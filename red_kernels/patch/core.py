@@ -27,6 +27,7 @@ from red_kernels.patch.methods import (
     AdapterConfig,
     check_adapter_name,
     check_para_options,
+    edit_dim,
     output_dim,
     para_layout,
     slot_pieces,
@@ -139,28 +140,40 @@ def plan_adapter(
     targets=None,
     trainable=None,
     *,
-    scale: bool = True,
-    bias: bool = True,
+    scale: bool | None = None,
+    bias: bool | None = None,
     dtype: torch.dtype | None = None,
     rank: int = 12,
     activation: str = "gelu",
     up_bias: bool = True,
+    inputs=None,
     backend: str | None = None,
 ) -> tuple[str, AdapterConfig, list[str]]:
     """Validate an adapter without changing the model: (architecture, config, trainable modules).
 
-    ``targets`` are the edited modules (red) or the layers (para)."""
+    ``targets`` are the edited modules (red, ia3) or the layers (para)."""
     if method not in METHODS:
         raise ValueError(f"red_kernels.patch_model: argument 'method' must be one of {METHODS}, got {method!r}")
     if backend is not None and backend not in ("auto", *BACKENDS):
         raise ValueError(
             f"red_kernels.patch_model: argument 'backend' must be None or one of {('auto', *BACKENDS)}, got {backend!r}"
         )
+    scale = True if scale is None else scale
+    bias = (method != "ia3") if bias is None else bias
     for arg, value in (("scale", scale), ("bias", bias)):
         if not isinstance(value, bool):
             raise ValueError(f"red_kernels.patch_model: argument '{arg}' must be True or False, got {value!r}")
     if method != "para" and not (scale or bias):
         raise ValueError("red_kernels.patch_model: at least one of 'scale' and 'bias' must be True")
+    if method == "ia3" and (bias or not scale):
+        raise ValueError(
+            "red_kernels.patch_model: IA3 learns scaling vectors only: argument 'scale' must be True and 'bias' False"
+        )
+    if method != "ia3" and inputs is not None and not (isinstance(inputs, (list, tuple)) and not inputs):
+        raise ValueError(
+            f"red_kernels.patch_model: argument 'inputs' (targets whose input is scaled) is for method 'ia3', "
+            f"not {method!r}"
+        )
     vec_dtype = torch.float32 if dtype is None else dtype
     if not isinstance(vec_dtype, torch.dtype) or not vec_dtype.is_floating_point:
         raise ValueError(f"red_kernels.patch_model: argument 'dtype' must be a floating torch.dtype, got {dtype!r}")
@@ -175,6 +188,8 @@ def plan_adapter(
         chosen = _resolve_patterns(patterns, names, "targets")
         arch = _detect_architecture(model, names) if method != "para" else detect(model, method, names)[0].name
     modules = dict(model.named_modules())
+    if method == "ia3":
+        inputs = _ia3_inputs(arch, chosen, inputs)
     config = AdapterConfig(method=method, targets=chosen, dims={}, dtype=vec_dtype, target_patterns=patterns)
     if method == "para":
         spec = ARCH_BY_NAME[arch]
@@ -185,12 +200,30 @@ def plan_adapter(
         config.slots, config.out_sizes, config.dims = para_layout(spec, model, chosen)
         config.rank, config.activation, config.up_bias = rank, activation, up_bias
     else:
-        config.dims = {n: output_dim(modules[n], n) for n in chosen}
+        config.inputs = inputs if method == "ia3" else []
+        config.dims = {n: edit_dim(config, modules[n], n) for n in chosen}
         config.scale, config.bias = scale, bias
     keep = _resolve_patterns(_as_patterns(trainable, "trainable"), names, "trainable") if trainable else []
     # A trainable module inside another one adds nothing; keep the outermost names only.
     keep = [n for n in keep if not any(n.startswith(k + ".") for k in keep)]
     return arch, config, keep
+
+
+def _ia3_inputs(arch: str, chosen: list[str], inputs) -> list[str]:
+    """The IA3 targets whose input is scaled: the architecture's feed-forward targets, or those
+    among ``chosen`` that the ``inputs`` patterns name (an empty list: none)."""
+    if inputs is None:
+        spec = ARCH_BY_NAME.get(arch)
+        return [n for n in chosen if spec is not None and spec.is_ia3_input(n)]
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    try:
+        inputs = list(inputs)
+    except TypeError:
+        inputs = None
+    if inputs is None or not all(isinstance(p, str) and p for p in inputs):
+        raise ValueError("red_kernels.patch_model: argument 'inputs' must be a list of module-name patterns")
+    return _resolve_patterns(inputs, chosen, "inputs") if inputs else []
 
 
 def _check_unpatched(model: nn.Module) -> None:
@@ -230,10 +263,10 @@ def install_adapter(model: nn.Module, state: PatchState, name: str, config: Adap
         built[place] = config.build(place, device, state.backend)
     for place, module in built.items():
         target = modules[place]
-        bank = target._modules.get(config.bank_attr)
+        bank = target._modules.get(config.bank_of(place))
         if bank is None:
             bank = AdapterBank()
-            target.add_module(config.bank_attr, bank)
+            target.add_module(config.bank_of(place), bank)
         bank[name] = module
     state.adapters[name] = config
     refresh_hooks(model, state)
@@ -243,11 +276,11 @@ def uninstall_adapter(model: nn.Module, state: PatchState, name: str) -> None:
     config = state.adapters.pop(name)
     for place in config.targets:
         target = model.get_submodule(place)
-        bank = target._modules.get(config.bank_attr)
+        bank = target._modules.get(config.bank_of(place))
         if bank is not None and name in bank:
             del bank[name]
             if not len(bank):
-                del target._modules[config.bank_attr]
+                del target._modules[config.bank_of(place)]
     state.tables.clear()
     refresh_hooks(model, state)
 
@@ -255,7 +288,8 @@ def uninstall_adapter(model: nn.Module, state: PatchState, name: str) -> None:
 def refresh_hooks(model: nn.Module, state: PatchState) -> None:
     """Hooks where the adapters need them, none elsewhere (cost: one pass over the modules)."""
     spec = ARCH_BY_NAME.get(state.architecture)
-    sites_needed = {t for c in state.adapters.values() if c.method != "para" for t in c.targets}
+    sites_needed = {t for c in state.adapters.values() if c.method != "para" for t in c.targets if t not in c.inputs}
+    input_sites = {t for c in state.adapters.values() for t in c.inputs}
     layers: dict[str, str] = {}
     para_sites: dict[str, list] = {}
     modules = dict(base_modules(model))
@@ -283,6 +317,8 @@ def refresh_hooks(model: nn.Module, state: PatchState) -> None:
         sites.detach_hooks(module)
         if mname in sites_needed:
             sites.attach_site(state, module, mname)
+        if mname in input_sites:
+            sites.attach_input_site(state, module, mname)
         if mname in layers:
             sites.attach_layer(state, module, mname, layers[mname])
         if mname in stacks:
@@ -308,8 +344,9 @@ def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, n
     config = state.adapters[name]
     out = {}
     for place in config.targets:
-        bank = model.get_submodule(place)._modules[config.bank_attr]
-        prefix = f"{place}.{config.bank_attr}.{name}" if place else f"{config.bank_attr}.{name}"
+        attr = config.bank_of(place)
+        bank = model.get_submodule(place)._modules[attr]
+        prefix = f"{place}.{attr}.{name}" if place else f"{attr}.{name}"
         for pname, p in bank[name].named_parameters():
             out[f"{prefix}.{pname}"] = p
     return out
@@ -327,12 +364,13 @@ def patch_model(
     targets: str | list[str] | None = None,
     trainable: str | list[str] | None = None,
     *,
-    scale: bool = True,
-    bias: bool = True,
+    scale: bool | None = None,
+    bias: bool | None = None,
     dtype: torch.dtype | None = None,
     rank: int = 12,
     activation: str = "gelu",
     up_bias: bool = True,
+    inputs: str | list[str] | None = None,
     backend: str | None = None,
     adapter_name: str = "default",
 ) -> nn.Module:
@@ -346,6 +384,11 @@ def patch_model(
       [rank, n_q + n_v + n_u]``), which scale the query, value and FFN-up projections' outputs of
       that sequence. Init ``W_down ~ N(0, 0.02)``, ``W_up = 0``, ``b_up = 1``; ``up_bias=False``
       keeps ``b_up`` fixed at ones (the paper's parameter count).
+    - ``"ia3"``: PEFT's (IA)^3: a learned ``scale`` (init 1) per target, no bias; it scales the
+      target's output, or for the feed-forward targets (``inputs``) its input: ``f(x * scale)``.
+      Default targets: PEFT's default IA3 targets of the architecture (e.g. LLaMA's ``k_proj``,
+      ``v_proj`` and, on its input, ``down_proj``). A PEFT IA3 directory loads with
+      :func:`red_kernels.load_adapter`.
 
     Either way the patched model equals the original bit for bit at step 0.
 
@@ -357,11 +400,14 @@ def patch_model(
             modules for red, layers for para.
         trainable: module-name patterns of base modules to keep trainable (e.g. ``"classifier"``);
             saved with the adapter and counted apart by :func:`trainable_parameters`.
-        scale, bias: RED's vectors (the paper's ablations turn one off).
+        scale, bias: RED's vectors (the paper's ablations turn one off); None: the method's own
+            (RED both, IA3 scale only).
         dtype: dtype of the adapter's parameters; None is fp32 whatever the model's dtype (they
             stay so when the model is cast).
         rank, activation, up_bias: PARA's bottleneck width, activation (``gelu``, ``gelu_tanh``,
             ``relu``, ``silu``) and whether ``b_up`` trains.
+        inputs: IA3: patterns naming the targets whose input (not output) is scaled; None: the
+            architecture's feed-forward targets; ``[]``: none.
         backend: backend of every op the adapters run (None: the usual selection).
         adapter_name: the adapter's name.
 
@@ -381,6 +427,7 @@ def patch_model(
         rank=rank,
         activation=activation,
         up_bias=up_bias,
+        inputs=inputs,
         backend=backend,
     )
     original = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -4,6 +4,11 @@ Every method is one :class:`AdapterConfig` plus the modules it places in the mod
 
 - ``red`` / ``red+``: a :class:`~red_kernels.nn.REDEdit` (``scale``, ``bias``) per target module, in
   the target's bank ``<target>.red_edit``; the target's output ``h`` becomes ``h * scale + bias``.
+- ``ia3``: a scale-only :class:`~red_kernels.nn.REDEdit` per target module (PEFT's IA3 vector):
+  in the target's bank ``<target>.red_edit`` it scales the target's output; for the targets listed
+  in ``inputs`` (IA3's feed-forward targets) it sits in ``<target>.red_edit_in`` and scales the
+  target's input ``x [..., in]`` instead: the module computes ``f(x * scale)``. The same editor,
+  kernels and tenant gathering as RED, on the other side of the module.
 - ``para``: a :class:`~red_kernels.nn.PARAVectorGenerator` per layer, in the layer's bank
   ``<layer>.para_gen``; it pools the layer input's last prompt token into ``l_q, l_v, l_u``
   (``[B, n_q + n_v + n_u]``), which scale the outputs of the layer's query, value and FFN-up
@@ -12,7 +17,7 @@ Every method is one :class:`AdapterConfig` plus the modules it places in the mod
 A bank (:class:`AdapterBank`) maps adapter names to that adapter's module at one place, so each
 adapter's vectors are its own parameters: an optimizer given one adapter never touches another.
 Adapter files keep the names without the adapter: ``<target>.red_edit.scale``,
-``<layer>.para_gen.w_down`` (:func:`file_key`).
+``<target>.red_edit_in.scale``, ``<layer>.para_gen.w_down`` (:func:`file_key`).
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ from red_kernels.nn.red import REDEdit
 from red_kernels.ops._activations import activation_code
 from red_kernels.patch.targets import ArchSpec
 
-EDITOR_ATTR = "red_edit"  # bank of REDEdit on a target module
+EDITOR_ATTR = "red_edit"  # bank of REDEdit on a target module's output
+INPUT_EDITOR_ATTR = "red_edit_in"  # bank of REDEdit on a target module's input (IA3's feed-forward targets)
 GENERATOR_ATTR = "para_gen"  # bank of PARAVectorGenerator on a layer
-BANK_ATTRS = (EDITOR_ATTR, GENERATOR_ATTR)
+BANK_ATTRS = (EDITOR_ATTR, INPUT_EDITOR_ATTR, GENERATOR_ATTR)
 _NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
@@ -46,12 +52,13 @@ def check_adapter_name(name: object, fn: str) -> str:
 class AdapterConfig:
     """One adapter: its method and options, and the module names it touches."""
 
-    method: str  # "red", "red+" or "para"
-    targets: list[str]  # red: edited modules; para: layers
-    dims: dict[str, int]  # red: target -> output width; para: layer -> d_model
+    method: str  # "red", "red+", "ia3" or "para"
+    targets: list[str]  # red, ia3: edited modules; para: layers
+    dims: dict[str, int]  # red, ia3: target -> width of the edited side; para: layer -> d_model
     dtype: torch.dtype = torch.float32
-    scale: bool = True  # red
-    bias: bool = True  # red
+    scale: bool = True  # red, ia3
+    bias: bool = True  # red (ia3: False)
+    inputs: list[str] = field(default_factory=list)  # ia3: the targets whose input (not output) is scaled
     rank: int = 12  # para
     activation: str = "gelu"  # para
     up_bias: bool = True  # para: a trainable b_up (else fixed ones)
@@ -61,7 +68,12 @@ class AdapterConfig:
 
     @property
     def bank_attr(self) -> str:
+        """The bank of the method's modules (of output editors, for a method that edits both sides)."""
         return GENERATOR_ATTR if self.method == "para" else EDITOR_ATTR
+
+    def bank_of(self, place: str) -> str:
+        """The bank attribute holding this adapter's module at ``place``."""
+        return INPUT_EDITOR_ATTR if place in self.inputs else self.bank_attr
 
     def build(self, place: str, device: torch.device, backend: str | None) -> nn.Module:
         """This adapter's fresh module at ``place`` (identity at step 0)."""
@@ -88,7 +100,8 @@ class AdapterConfig:
 
 
 def file_key(config: AdapterConfig, place: str, param: str) -> str:
-    return f"{place}.{config.bank_attr}.{param}" if place else f"{config.bank_attr}.{param}"
+    bank = config.bank_of(place)
+    return f"{place}.{bank}.{param}" if place else f"{bank}.{param}"
 
 
 class AdapterBank(nn.ModuleDict):
@@ -135,8 +148,22 @@ def is_conv1d(module: nn.Module) -> bool:
     )
 
 
-def input_dim(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+def input_dim(module: nn.Module, name: str = "") -> int:
+    """Width of a target's input (a Conv1D's weight is [in, out]), or ValueError when the module is
+    not a supported target."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if is_conv1d(module):
+        return module.weight.shape[0]
+    raise ValueError(
+        f"red_kernels.patch_model: target {name!r} is a {type(module).__name__}; input edits need a "
+        "torch.nn.Linear or transformers' Conv1D (the input width of other modules is not known)"
+    )
+
+
+def edit_dim(config: AdapterConfig, module: nn.Module, name: str) -> int:
+    """Width of the side of ``module`` that ``config`` edits (its input for ``config.inputs``)."""
+    return input_dim(module, name) if name in config.inputs else output_dim(module, name)
 
 
 def para_layout(spec: ArchSpec, model: nn.Module, layers: list[str]) -> tuple[dict, dict, dict]:
@@ -200,4 +227,4 @@ def check_para_options(rank: object, activation: object, up_bias: object) -> Non
         raise ValueError(f"red_kernels.patch_model: argument 'up_bias' must be True or False, got {up_bias!r}")
 
 
-__all__ = ["AdapterBank", "AdapterConfig", "EDITOR_ATTR", "GENERATOR_ATTR"]
+__all__ = ["AdapterBank", "AdapterConfig", "EDITOR_ATTR", "GENERATOR_ATTR", "INPUT_EDITOR_ATTR"]

@@ -10,8 +10,10 @@ again, so the hook runs again) and ``torch.compile`` (Dynamo traces module hooks
 Hooks (each a ``functools.partial`` of a function below, so a deep-copied model's hooks point at
 its own copied state, and detaching finds them by function):
 
-- :func:`site_hook` on every module whose output an adapter edits: RED (its ``red_edit`` bank) and
-  PARA (the module is a scaled projection of a layer), for one adapter or gathered per row.
+- :func:`site_hook` on every module whose output an adapter edits: RED and IA3 (its ``red_edit``
+  bank) and PARA (the module is a scaled projection of a layer), for one adapter or gathered per row.
+- :func:`input_site_hook`, a forward pre-hook on every module whose input an adapter edits (IA3's
+  feed-forward targets, bank ``red_edit_in``): the same editors and gathering on the input.
 - every PARA layer's ``forward`` (:func:`_para_forward`, through a subclass of the layer's class):
   runs the generators on the layer input (or reuses the decode vectors) and leaves ``[B, n]``
   vectors for the layer's scaled projections.
@@ -30,7 +32,7 @@ from red_kernels.ops.gathered_red_edit import gathered_red_edit
 from red_kernels.ops.para_vector_gen import para_vector_gen
 from red_kernels.ops.seq_scale import seq_scale
 from red_kernels.patch import context
-from red_kernels.patch.methods import EDITOR_ATTR, GENERATOR_ATTR
+from red_kernels.patch.methods import EDITOR_ATTR, GENERATOR_ATTR, INPUT_EDITOR_ATTR
 
 # --- tables of the adapters present in a mixed batch ----------------------------------------------
 
@@ -74,7 +76,7 @@ def site_hook(state, name: str, module: nn.Module, args: tuple, output):
         return output
     bank = module._modules.get(EDITOR_ATTR)
     if bank is not None:
-        output = _apply_red(state, name, bank, rows, output)
+        output = _apply_red(state, (name, EDITOR_ATTR), bank, rows, output)
     for layer, pieces in state.para_sites.get(name, ()):
         vec = state.local.vectors.get(layer)
         if vec is None:
@@ -90,18 +92,41 @@ def site_hook(state, name: str, module: nn.Module, args: tuple, output):
     return output
 
 
-def _apply_red(state, name: str, bank: nn.ModuleDict, rows, output: Tensor) -> Tensor:
+def _apply_red(state, site: tuple, bank: nn.ModuleDict, rows, h: Tensor) -> Tensor:
+    """``h`` edited by the bank's editors: the row's adapter's, or gathered per row (rows whose
+    adapter has no editor in this bank are left as they are)."""
     if isinstance(rows, str):
         editor = bank._modules.get(rows)
-        return output if editor is None else editor(output)
+        return h if editor is None else editor(h)
     present = _present(rows, bank)
     if not present:
-        return output
+        return h
     editors = [bank[n] for n in present]
-    scales = _table(state, (name, present, "scale"), [e.scale for e in editors], 1.0)
-    biases = _table(state, (name, present, "bias"), [e.bias for e in editors], 0.0)
-    ids = context.tenant_ids(state, rows, present, output.device)
-    return gathered_red_edit(output, scales, biases, ids, backend=state.backend)
+    scales = _table(state, (*site, present, "scale"), [e.scale for e in editors], 1.0)
+    biases = _table(state, (*site, present, "bias"), [e.bias for e in editors], 0.0)
+    ids = context.tenant_ids(state, rows, present, h.device)
+    return gathered_red_edit(h, scales, biases, ids, backend=state.backend)
+
+
+def input_site_hook(state, name: str, module: nn.Module, args: tuple, kwargs: dict):
+    """Before the module's forward: its input (the first argument, e.g. ``Linear``'s ``input``)
+    edited by the ``red_edit_in`` bank, as IA3 computes ``f(x * scale)``."""
+    if args:
+        x = args[0]
+    elif len(kwargs) == 1:
+        x = next(iter(kwargs.values()))
+    else:
+        return None
+    bank = module._modules.get(INPUT_EDITOR_ATTR)
+    if not isinstance(x, Tensor) or bank is None:
+        return None
+    rows = context.rows_for(state, x.shape[0])
+    if rows is None:
+        return None
+    x = _apply_red(state, (name, INPUT_EDITOR_ATTR), bank, rows, x)
+    if args:
+        return (x, *args[1:]), kwargs
+    return args, {next(iter(kwargs)): x}
 
 
 def _module_vector(vec: Tensor, pieces: list[tuple[int, int, int]], width: int) -> Tensor:
@@ -226,7 +251,7 @@ def _para_class(cls: type) -> type:
 
 # --- attach / detach ------------------------------------------------------------------------------
 
-HOOK_FUNCS = (site_hook, context.stack_pre_hook, context.stack_post_hook)
+HOOK_FUNCS = (site_hook, input_site_hook, context.stack_pre_hook, context.stack_post_hook)
 HOOK_FUNCS += (context.root_pre_hook, context.root_post_hook)
 
 
@@ -238,6 +263,11 @@ def has_hook(module: nn.Module, func) -> bool:
 def attach_site(state, module: nn.Module, name: str) -> None:
     if not has_hook(module, site_hook):
         module.register_forward_hook(functools.partial(site_hook, state, name))
+
+
+def attach_input_site(state, module: nn.Module, name: str) -> None:
+    if not has_hook(module, input_site_hook):
+        module.register_forward_pre_hook(functools.partial(input_site_hook, state, name), with_kwargs=True)
 
 
 def attach_layer(state, module: nn.Module, layer: str, stack: str) -> None:

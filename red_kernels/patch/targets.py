@@ -1,7 +1,9 @@
-"""Per-architecture default targets of RED and RED+, module-name patterns, and detection.
+"""Per-architecture default targets of RED, RED+ and IA3, module-name patterns, and detection.
 
 A target is a module whose output RED edits: a ``torch.nn.Linear`` or a Hugging Face ``Conv1D``
-(GPT-2's transposed linear). Patterns are matched against the names of ``model.named_modules()``.
+(GPT-2's transposed linear). IA3 scales the output of its targets, except its feed-forward ones
+(``ia3_inputs``, the FFN's output projection), whose input it scales. Patterns are matched against
+the names of ``model.named_modules()``.
 
 User patterns (``targets=`` / ``trainable=``): a glob (``fnmatch``, where ``*`` also crosses dots)
 matched against the full name or any dotted suffix of it, so ``"mlp.down_proj"`` matches
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-METHODS = ("red", "red+", "para")
+METHODS = ("red", "red+", "para", "ia3")
 _ANY_PREFIX = r"(?:.*\.)?"
 
 
@@ -80,17 +82,28 @@ class ParaSpec:
 
 @dataclass(frozen=True)
 class ArchSpec:
+    """``ia3`` and ``ia3_inputs`` follow PEFT's default IA3 targets (``target_modules`` and
+    ``feedforward_modules`` of ``peft.utils.constants``) as PEFT resolves them on the module names:
+    the targets whose names end with a feed-forward name have their input scaled."""
+
     name: str
     model_types: tuple[str, ...]
     red: tuple[Target, ...]
     red_plus: tuple[Target, ...]
     bias_switches: tuple[BiasSwitch, ...] = field(default=())
     para: ParaSpec | None = None
+    ia3: tuple[Target, ...] = field(default=())
+    ia3_inputs: tuple[str, ...] = field(default=())  # regexes (full match) of the feed-forward targets
 
     def targets(self, method: str) -> tuple[Target, ...]:
         if method == "para":
             return (Target(self.para.layer),) if self.para else ()
+        if method == "ia3":
+            return self.ia3
         return self.red if method == "red" else self.red + self.red_plus
+
+    def is_ia3_input(self, name: str) -> bool:
+        return any(re.fullmatch(r, name) for r in self.ia3_inputs)
 
     def describe(self) -> str:
         red = ", ".join(_short(t.regex) for t in self.red)
@@ -127,6 +140,9 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             ),
             labels_are_tokens=True,
         ),
+        # PEFT's LLaMA / Mistral table (it uses q_proj instead of k_proj for Qwen2 and Gemma).
+        ia3=(_t(r"layers\.\d+\.self_attn\.[kv]_proj"), _t(r"layers\.\d+\.mlp\.down_proj")),
+        ia3_inputs=(_ANY_PREFIX + r"layers\.\d+\.mlp\.down_proj",),
     ),
     ArchSpec(
         name="roberta",
@@ -146,6 +162,13 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
                 ParaSlot("u", r"intermediate\.dense"),
             ),
         ),
+        # PEFT's "output.dense" (a feed-forward name) also ends the attention's output projection:
+        # PEFT scales the input of both.
+        ia3=(
+            _t(r"layer\.\d+\.attention\.self\.(?:key|value)"),
+            _t(r"layer\.\d+\.(?:attention\.)?output\.dense"),
+        ),
+        ia3_inputs=(_ANY_PREFIX + r"layer\.\d+\.(?:attention\.)?output\.dense",),
     ),
     ArchSpec(
         name="t5",
@@ -167,6 +190,11 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             ),
             decoder_pools_encoder=True,
         ),
+        ia3=(
+            _t(r"block\.\d+\.layer\.\d+\.(?:SelfAttention|EncDecAttention)\.[kv]"),
+            _t(r"block\.\d+\.layer\.\d+\.DenseReluDense\.wo"),
+        ),
+        ia3_inputs=(_ANY_PREFIX + r"block\.\d+\.layer\.\d+\.DenseReluDense\.wo",),
     ),
     ArchSpec(
         name="gpt2",
@@ -184,6 +212,8 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             ),
             labels_are_tokens=True,
         ),
+        ia3=(_t(r"h\.\d+\.attn\.c_attn"), _t(r"h\.\d+\.mlp\.c_proj")),
+        ia3_inputs=(_ANY_PREFIX + r"h\.\d+\.mlp\.c_proj",),
     ),
 )
 
