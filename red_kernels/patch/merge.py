@@ -1,8 +1,10 @@
-"""merge_model: fold a RED adapter into the weights of the layers it edits (zero inference cost).
+"""merge_model: fold a RED or IA3 adapter into the weights of the layers it edits (zero inference cost).
 
-``W' = diag(scale) W`` and ``b' = scale * b + bias`` for a Linear (weight ``[out, in]``); the columns
-for GPT-2's Conv1D (weight ``[in, out]``). Arithmetic in fp32 (fp64 for fp64 weights), stored in
-the weight's dtype. PARA cannot be merged: its vectors depend on the input.
+An edit of the output: ``W' = diag(scale) W`` and ``b' = scale * b + bias`` for a Linear (weight
+``[out, in]``); the columns for GPT-2's Conv1D (weight ``[in, out]``). An edit of the input (IA3's
+feed-forward targets), ``f(x * s) = x diag(s) W^T + b``: ``W' = W diag(s)``, the Linear's columns
+(the Conv1D's rows), bias unchanged. Arithmetic in fp32 (fp64 for fp64 weights), stored in the
+weight's dtype. PARA cannot be merged: its vectors depend on the input.
 """
 
 from __future__ import annotations
@@ -16,8 +18,19 @@ import torch
 from torch import nn
 
 from red_kernels.patch.core import _remove_everything, require_patched
-from red_kernels.patch.methods import EDITOR_ATTR, is_conv1d
+from red_kernels.patch.methods import INPUT_EDITOR_ATTR, is_conv1d
 from red_kernels.patch.targets import ARCH_BY_NAME
+
+
+@torch.no_grad()
+def _fold_input(module: nn.Module, editor: nn.Module) -> None:
+    """Fold an input scale ``s`` into ``module`` in place: Linear (weight [out, in]) ``W' = W diag(s)``;
+    Conv1D (weight [in, out]) ``W' = diag(s) W``; the bias is unchanged."""
+    weight = module.weight
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    s = editor.scale.detach().to(device=weight.device, dtype=acc)
+    shape = [-1, 1] if is_conv1d(module) else [1, -1]  # the input features' dim of the weight
+    weight.copy_((weight.to(acc) * s.view(shape)).to(weight.dtype))
 
 
 @torch.no_grad()
@@ -127,10 +140,11 @@ def _shared_weights(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
 
 
 def merge_model(model: nn.Module) -> nn.Module:
-    """Fold the model's RED adapter into the layers it edits and return the plain model (in place).
+    """Fold the model's RED or IA3 adapter into the layers it edits and return the plain model (in place).
 
     ``W' = diag(scale) W`` and ``b' = scale * b + bias`` (a bias is added where the layer has
-    none; for GPT-2's Conv1D, whose weight is [in, out], the columns are scaled). The result has no
+    none; for GPT-2's Conv1D, whose weight is [in, out], the columns are scaled); an IA3 scale of
+    a layer's input scales the weight's input features instead (``W' = W diag(scale)``). The result has no
     red_kernels module or hook left, its parameters' ``requires_grad`` are restored, and its outputs
     equal the patched model's up to rounding. Where the architecture has a config switch for the new
     biases (LLaMA's ``mlp_bias`` / ``attention_bias``) it is set, and the other layers of that
@@ -172,7 +186,10 @@ def merge_model(model: nn.Module) -> nn.Module:
     gained = []
     for target in config.targets:
         module = model.get_submodule(target)
-        if _fold(module, getattr(module, EDITOR_ATTR)[name]):
+        editor = getattr(module, config.bank_of(target))[name]
+        if config.bank_of(target) == INPUT_EDITOR_ATTR:
+            _fold_input(module, editor)
+        elif _fold(module, editor):
             gained.append(target)
     _remove_everything(model, state)
     for target in gained:  # a new bias trains (or not) like the weight it was folded beside
