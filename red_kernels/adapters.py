@@ -20,6 +20,7 @@ import re
 import torch
 from torch import nn
 
+from red_kernels import peft_ia3
 from red_kernels.ops._activations import ACTIVATIONS
 from red_kernels.patch.core import (
     AdapterConfig,
@@ -30,7 +31,7 @@ from red_kernels.patch.core import (
     require_patched,
     uninstall_adapter,
 )
-from red_kernels.patch.methods import BANK_ATTRS, check_adapter_name, file_key, output_dim, para_layout
+from red_kernels.patch.methods import BANK_ATTRS, check_adapter_name, edit_dim, file_key, para_layout
 from red_kernels.patch.targets import ARCH_BY_NAME, METHODS
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -53,7 +54,7 @@ def _trainable_params(model: nn.Module, modules: list[str]) -> dict[str, nn.Para
 def _adapter_tensors(model: nn.Module, name: str, config: AdapterConfig) -> dict[str, torch.Tensor]:
     out = {}
     for place in config.targets:
-        module = model.get_submodule(place)._modules[config.bank_attr][name]
+        module = model.get_submodule(place)._modules[config.bank_of(place)][name]
         for p in config.param_names(place):
             out[file_key(config, place, p)] = getattr(module, p)
     return out
@@ -121,6 +122,8 @@ def _meta(model: nn.Module, state, name: str, tensors: dict[str, torch.Tensor]) 
         )
     else:
         meta.update(scale=config.scale, bias=config.bias)
+    if config.inputs:
+        meta["inputs"] = config.inputs  # ia3: the targets whose input is scaled
     return meta
 
 
@@ -297,6 +300,11 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         _field(meta, path, "bias", lambda v: isinstance(v, bool), "true or false")
         if not (meta["scale"] or meta["bias"]):
             raise _bad(path, "fields 'scale' and 'bias' are both false")
+        if method == "ia3" and (meta["bias"] or not meta["scale"]):
+            raise _bad(path, "an 'ia3' adapter has fields 'scale' true and 'bias' false")
+    inputs = _field(meta, path, "inputs", _str_list, "a list of module names", optional=True) or []
+    if inputs and (method != "ia3" or not set(inputs) <= set(targets) or len(set(inputs)) != len(inputs)):
+        raise _bad(path, "field 'inputs' must list 'ia3' targets, each once")
     return meta
 
 
@@ -338,6 +346,7 @@ def _config_from(meta: dict) -> AdapterConfig:
         config.slots, config.out_sizes = meta["slots"], {k: list(v) for k, v in meta["out_sizes"].items()}
     else:
         config.scale, config.bias = meta["scale"], meta["bias"]
+        config.inputs = list(meta.get("inputs") or [])
     return config
 
 
@@ -363,10 +372,14 @@ def _validate(model: nn.Module, meta: dict, config: AdapterConfig, tensors: dict
             raise _bad(path, "the model's PARA layers (projections or widths) differ from the adapter's")
     else:
         for t in config.targets:
-            d = output_dim(modules[t], t)
+            try:
+                d = edit_dim(config, modules[t], t)
+            except ValueError as exc:
+                raise _bad(path, str(exc).removeprefix("red_kernels.patch_model: ")) from None
+            side = "input" if t in config.inputs else "output"
             if d != config.dims[t]:
                 raise _bad(
-                    path, f"module {t!r} has output width {d} but the adapter's vectors have width {config.dims[t]}"
+                    path, f"module {t!r} has {side} width {d} but the adapter's vectors have width {config.dims[t]}"
                 )
     expected = {}
     for place in config.targets:
@@ -415,7 +428,13 @@ def load_adapter(
 
     Any mismatch (a damaged file, a missing or malformed config field, model type, missing module,
     widths, missing or extra tensors, shapes, dtypes, a name in use) raises ValueError naming the
-    file and the field, before the model is changed. Nothing is unpickled. Returns ``model``."""
+    file and the field, before the model is changed. Nothing is unpickled. Returns ``model``.
+
+    A PEFT IA3 adapter directory (``adapter_config.json`` with ``peft_type`` ``"IA3"`` and
+    ``adapter_model.safetensors``) loads the same way, as an ``"ia3"`` adapter: see
+    :mod:`red_kernels.peft_ia3`."""
+    if peft_ia3.is_peft_directory(directory):
+        return peft_ia3.load_peft_ia3(model, directory, adapter_name, backend=backend)
     meta = read_adapter_config(directory)
     path = os.path.join(os.fspath(directory), meta.get("weights") or WEIGHTS_NAME)
     config = _config_from(meta)
@@ -438,6 +457,7 @@ def load_adapter(
             rank=config.rank,
             activation=config.activation,
             up_bias=config.up_bias,
+            inputs=["re:" + _esc(t) for t in config.inputs],
             backend=backend,
             adapter_name=name,
         )
