@@ -228,6 +228,74 @@ def test_peft_adapters_as_tenants_of_a_mixed_batch(made, tmp_path, arch):
             torch.testing.assert_close(_out(bank, inputs), _out(own[name], inputs), rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mixed_tenants_generate_each_peft_models_tokens(made, arch):
+    """KV-cached greedy generation of a mixed batch, beams mapped along: each prompt's tokens are
+    those of its tenant's own PEFT model."""
+    base, models, dirs = made(arch)
+    own = {None: base, **models}
+    bank = copy.deepcopy(base)
+    rk.load_adapter(bank, dirs["ia"], adapter_name="ia")
+    rk.load_adapter(bank, dirs["ib"])
+    rows = ["ib", "ia", None, "ia"]
+    inputs = _inputs(arch, batch=len(rows), seed=1)
+    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0, num_beams=2)
+    with torch.no_grad():
+        with rk.tenants(bank, rows):
+            got = bank.generate(**inputs, **kw)
+        want = {r: own[r].generate(**inputs, **kw) for r in dict.fromkeys(rows)}
+    for b, r in enumerate(rows):
+        assert got[b].tolist() == want[r][b].tolist(), f"row {b} ({r})"
+    assert len({tuple(want[r][b].tolist()) for b, r in enumerate(rows)}) >= 3  # the tenants differ
+
+
+def test_delete_ia3_adapter_removes_its_input_hooks(made, tmp_path):
+    base, models, dirs = made("gpt2")
+    bank = copy.deepcopy(base)
+    rk.load_adapter(bank, dirs["ia"], adapter_name="ia")
+    _red_tenant(base, tmp_path / "red", seed=3)
+    rk.load_adapter(bank, tmp_path / "red")
+    rk.load_adapter(bank, dirs["ib"])
+    c_proj = bank.transformer.h[0].mlp.c_proj  # RED on its output, IA3 on its input
+    assert list(c_proj.red_edit_in) == ["ia", "ib"] and list(c_proj.red_edit) == ["red"]
+    rk.delete_adapter(bank, "ib")
+    assert list(c_proj.red_edit_in) == ["ia"]
+    inputs = _inputs("gpt2")
+    with rk.tenants(bank, ["ia", None, "red", "ia"]):
+        got = _out(bank, inputs)
+    torch.testing.assert_close(got[0], _out(models["ia"], inputs)[0], rtol=0, atol=ATOL)
+    rk.set_adapter(bank, "red")
+    rk.delete_adapter(bank, "ia")
+    assert "red_edit_in" not in c_proj._modules and not c_proj._forward_pre_hooks
+    assert not any(".red_edit_in." in k for k in bank.state_dict())
+    rk.unpatch_model(bank)
+    assert set(bank.state_dict()) == set(base.state_dict())
+
+
+IA3_PATCH_ERRORS = {
+    "bias": (dict(bias=True), "'bias'"),
+    "no_scale": (dict(scale=False, bias=False), "'scale'"),
+    "inputs_not_a_target": (dict(inputs=["q_proj"]), "'inputs'", "q_proj"),
+    "inputs_int": (dict(inputs=3), "'inputs'"),
+    "inputs_for_red": (dict(method="red", inputs=["down_proj"]), "'inputs'", "'red'"),
+    "input_of_a_norm": (dict(targets=["model.norm"], inputs=["model.norm"]), "model.norm", "LlamaRMSNorm"),
+}
+
+
+@pytest.mark.parametrize("case", list(IA3_PATCH_ERRORS))
+def test_patch_model_ia3_bad_arguments(case):
+    kwargs, *words = IA3_PATCH_ERRORS[case]
+    kwargs = dict(kwargs)
+    method = kwargs.pop("method", "ia3")
+    model = tiny_llama()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"red_kernels\.patch_model: ") as info:
+        rk.patch_model(model, method, **kwargs)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+    _assert_same(model, snap)
+
+
 def test_mixed_batch_gradients_of_input_and_output_scales(made):
     """Training through the gathered input edit: each adapter's gradient from a mixed batch equals
     its gradient from its own rows alone."""
