@@ -63,7 +63,7 @@ def _patched(method):
 # --- save_pretrained -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["red", "red+", "para"])
+@pytest.mark.parametrize("method", ["red", "red+", "ia3", "para"])
 def test_save_pretrained_writes_the_adapter_not_the_base(tmp_path, method):
     model = _patched(method)
     _perturb(model)
@@ -156,7 +156,7 @@ def transformers_warnings(caplog):
     transformers.utils.logging.disable_propagation()
 
 
-@pytest.mark.parametrize("method", ["red", "red+", "para"])
+@pytest.mark.parametrize("method", ["red", "red+", "ia3", "para"])
 def test_trainer_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path, method, transformers_warnings):
     full = _patched(method)
     _trainer(full, tmp_path / "full", 6).train()
