@@ -434,12 +434,16 @@ def load_adapter(
     ``adapter_model.safetensors``) loads the same way, as an ``"ia3"`` adapter: see
     :mod:`red_kernels.peft_ia3`."""
     if peft_ia3.is_peft_directory(directory):
-        return peft_ia3.load_peft_ia3(model, directory, adapter_name, backend=backend)
-    meta = read_adapter_config(directory)
-    path = os.path.join(os.fspath(directory), meta.get("weights") or WEIGHTS_NAME)
-    config = _config_from(meta)
-    tensors = _read_tensors(directory, meta, config)
-    _validate(model, meta, config, tensors, path)
+        config, vectors = peft_ia3.read_peft_ia3(model, directory)  # checked against the model
+        meta = {"architecture": "custom", "trainable": [], "target_patterns": None}
+        path = os.path.join(os.fspath(directory), peft_ia3.WEIGHTS_NAME)
+        tensors = {file_key(config, place, "scale"): v for place, v in vectors.items()}
+    else:
+        meta = read_adapter_config(directory)
+        path = os.path.join(os.fspath(directory), meta.get("weights") or WEIGHTS_NAME)
+        config = _config_from(meta)
+        tensors = _read_tensors(directory, meta, config)
+        _validate(model, meta, config, tensors, path)
     state = patch_state(model)
     if state is None:
         name = check_adapter_name("default" if adapter_name is None else adapter_name, "load_adapter")
@@ -462,7 +466,7 @@ def load_adapter(
             adapter_name=name,
         )
         state = patch_state(model)
-        state.adapters[name].target_patterns = config.target_patterns
+        state.adapters[name].target_patterns = meta["target_patterns"]
         fresh = True
     else:
         default = os.path.basename(os.path.normpath(os.fspath(directory)))

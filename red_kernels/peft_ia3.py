@@ -35,14 +35,7 @@ import re
 import torch
 from torch import nn
 
-from red_kernels.patch.core import (
-    install_adapter,
-    patch_model,
-    patch_state,
-    uninstall_adapter,
-    unpatch_model,
-)
-from red_kernels.patch.methods import AdapterConfig, check_adapter_name, input_dim, is_conv1d, output_dim
+from red_kernels.patch.methods import AdapterConfig, input_dim, is_conv1d, output_dim
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -242,53 +235,4 @@ def _has_weight(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def load_peft_ia3(
-    model: nn.Module,
-    directory: str | os.PathLike,
-    adapter_name: str | None = None,
-    *,
-    backend: str | None = None,
-) -> nn.Module:
-    """:func:`red_kernels.load_adapter` of a PEFT IA3 directory: on a plain model, patch it with the
-    adapter (active and trainable, named ``adapter_name`` or ``"default"``); on a patched model, add
-    it beside the others (frozen, inactive; named ``adapter_name`` or the directory's name)."""
-    config, vectors = read_peft_ia3(model, directory)
-    path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
-    state = patch_state(model)
-    fresh = state is None
-    if fresh:
-        name = check_adapter_name("default" if adapter_name is None else adapter_name, "load_adapter")
-        patch_model(
-            model,
-            "ia3",
-            targets=["re:" + re.escape(t) for t in config.targets],
-            inputs=["re:" + re.escape(t) for t in config.inputs],
-            dtype=config.dtype,
-            backend=backend,
-            adapter_name=name,
-        )
-        state = patch_state(model)
-        state.adapters[name].target_patterns = None  # the exact names, not patterns a user gave
-    else:
-        default = os.path.basename(os.path.normpath(os.fspath(directory)))
-        name = check_adapter_name(default if adapter_name is None else adapter_name, "load_adapter")
-        if name in state.adapters:
-            raise _bad(path, f"the model already has an adapter named {name!r} (adapters: {list(state.adapters)})")
-        install_adapter(model, state, name, config)
-    try:
-        with torch.no_grad():
-            for place, vector in vectors.items():
-                editor = model.get_submodule(place)._modules[config.bank_of(place)][name]
-                editor.scale.copy_(vector)
-                if not fresh:
-                    editor.scale.requires_grad_(False)
-    except Exception:
-        if fresh:
-            unpatch_model(model)
-        else:
-            uninstall_adapter(model, state, name)
-        raise
-    return model
-
-
-__all__ = ["is_peft_directory", "load_peft_ia3", "read_peft_ia3"]
+__all__ = ["is_peft_directory", "read_peft_ia3"]
