@@ -49,8 +49,8 @@ models   a random-weight LLaMA (needs transformers): a training step of the froz
 Variants of a case run in interleaved rounds (so a drifting CPU slows all alike); reported: medians,
 the speed-up over the baseline (eager, the loop, or the base model), over torch.compile, and the time
 over the memory floor. Writes OUT/bench.json (machine, versions, date, every row), OUT/bench.md (the
-tables) and OUT/bench.png (a chart; needs matplotlib). The full run takes 10-20 minutes on 2 CPU
-cores; --quick about a minute. Exit status 1 if a variant failed (its error is in the table).
+tables) and OUT/bench.png (a chart; needs matplotlib). The full run takes roughly 10-20 minutes on
+2 CPU cores; --quick under a minute. Exit status 1 if a variant failed (its error is in the table).
 
 examples:
   python -m red_kernels bench --quick
