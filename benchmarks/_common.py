@@ -1,69 +1,69 @@
-"""Helpers shared by the benchmark files.
+"""pytest-benchmark glue over the package's benchmark cases (red_kernels.bench).
 
-Every benchmark compares, in one process and one run, eager PyTorch (written the way the official
-RED/PARA code and PEFT write it), torch.compile of that same eager code, every available backend of
-the op, and a memory-bandwidth floor (a copy of the same bytes). pytest-benchmark records medians;
-benchmarks/report.py turns its JSON into the README table of ratios. Benchmarks never fail CI.
+The cases (inputs, eager baselines, torch.compile, backends, floors, model variants) are defined
+once in ``red_kernels/bench/``; ``python -m red_kernels bench`` runs them without pytest. Here each
+(case, variant) is one pytest-benchmark test, so ``make bench`` keeps its JSON, groups and
+``-k`` selection; ``benchmarks/report.py`` renders that JSON with the package's tables. The variants
+of a case run one after another here (pytest-benchmark's model), not interleaved as in the command.
+Benchmarks never fail CI.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
 
+import pytest
 import torch
 
-import red_kernels as rk
-
-ROUNDS = 15
+from red_kernels.bench.timing import Case, sync
 
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+def params(cases: list[Case]) -> list:
+    """One pytest parameter per (case, variant), named "<group>-<variant>" with '-' for spaces, case
+    by case."""
+    return [
+        pytest.param(case, variant, id=f"{case.group}-{variant}".replace(" ", "-"))
+        for case in cases
+        for variant in case.variants
+    ]
 
 
-def backends_for(dev: torch.device) -> list[str]:
-    """Backends that run natively on ``dev`` (the interpreter is excluded by conftest)."""
-    return [b.name for b in rk.backends() if b.available and dev.type in b.devices]
+# The last case built: its variants share its inputs, and consecutive tests are its variants; one
+# case at a time keeps memory flat.
+_built: dict = {}
 
 
-def reset_grads(*tensors: torch.Tensor | None) -> None:
-    for t in tensors:
-        if t is not None:
-            t.grad = None
-
-
-def compiled(fn: Callable) -> Callable:
-    """torch.compile of the eager code (compiled lazily, warmed up by the first round)."""
-    return torch.compile(fn, dynamic=False)
-
-
-def run(
-    benchmark,
-    fn: Callable[[], object],
-    group: str,
-    variant: str,
-    setup: Callable[[], None] | None = None,
-    rounds: int = ROUNDS,
-    iterations: int = 1,
-    **extra,
-) -> None:
-    """Time ``fn`` with pytest-benchmark: ``rounds`` rounds of ``iterations`` calls (more than one
-    for microsecond calls, whose single timings are mostly timer and scheduler noise), ``setup``
-    before each round (untimed), two warm-up rounds (compilation, allocator), CUDA synchronised
-    inside the timed call."""
+def run(benchmark, case: Case, variant: str) -> None:
+    """Time one variant of ``case`` with pytest-benchmark: ``case.rounds`` rounds of
+    ``case.iterations`` calls, the variant's setup (untimed) before each round, ``case.warmup``
+    warm-up rounds, CUDA synchronised inside the timed call."""
+    if _built.get("group") != case.group:
+        _built.clear()
+        gc.collect()
+        _built.update(group=case.group, variants=case.build())
+    timed_variant = _built["variants"][variant]
     dev = device()
 
     def timed():
-        fn()
+        timed_variant.fn()
         sync(dev)
 
-    benchmark.group = group
-    benchmark.extra_info.update(variant=variant, device=str(dev), **extra)
+    benchmark.group = case.group
+    benchmark.extra_info.update(
+        variant=variant,
+        device=str(dev),
+        kind=case.kind,
+        baseline=case.baseline,
+        compiled=case.compiled,
+        floor=case.floor,
+        tokens=case.tokens,
+    )
     if dev.type == "cuda":
         benchmark.extra_info["gpu"] = torch.cuda.get_device_name(dev)
-    benchmark.pedantic(timed, setup=setup, rounds=rounds, iterations=iterations, warmup_rounds=2)
+    benchmark.pedantic(
+        timed, setup=timed_variant.setup, rounds=case.rounds, iterations=case.iterations, warmup_rounds=case.warmup
+    )

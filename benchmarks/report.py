@@ -1,11 +1,11 @@
-"""Render a pytest-benchmark JSON file as the README's benchmark table (and a plot if matplotlib is
-installed).
+"""Render a pytest-benchmark JSON file (``make bench``) as markdown tables, with the package's
+report (red_kernels.bench.report: the same tables and chart as ``python -m red_kernels bench``).
 
-    python benchmarks/report.py benchmarks/results/latest.json [--plot out.png]
+    python benchmarks/report.py benchmarks/results/latest.json [--plot out.png] [--compact]
 
-For each group (one op, shape, dtype and mode) it prints every variant's median and its ratios:
-speed-up over eager (eager / variant; for multi-tenant PARA the eager baseline is the per-tenant
-"loop"), over torch.compile, and time relative to the memory floor (variant / floor). All numbers
+For each group (one op, shape, dtype and mode, or one model task) it prints every variant's median
+and its ratios: speed-up over the group's baseline (eager; for multi-tenant PARA the per-tenant
+"loop"; for models the base), over torch.compile, and time relative to the memory floor. All numbers
 come from one run of one process.
 """
 
@@ -15,42 +15,36 @@ import argparse
 import json
 from collections import defaultdict
 
+from red_kernels.bench.report import plot, summarize, table
+from red_kernels.bench.timing import Case
 
-def load(path: str) -> tuple[dict, dict[str, dict[str, float]]]:
+
+def load(path: str) -> tuple[dict, list[dict]]:
+    """The JSON and its rows. Files written before the cases moved into the package carry no
+    baseline names: eager / loop / base are then taken by name."""
     with open(path) as f:
         data = json.load(f)
     groups: dict[str, dict[str, float]] = defaultdict(dict)
+    info: dict[str, dict] = {}
     for b in data["benchmarks"]:
-        groups[b["group"]][b["extra_info"]["variant"]] = b["stats"]["median"] * 1e3
-    return data, groups
-
-
-def _ms(ms: float) -> str:
-    # Decode-step and generator rows take microseconds: keep three significant digits there.
-    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
-
-
-def _ratio(num: float | None, den: float | None) -> str:
-    return f"{num / den:.2f}x" if num and den else "-"
-
-
-def table(groups: dict[str, dict[str, float]], compact: bool = False) -> str:
-    lines = [
-        "| benchmark | variant | median ms | vs eager | vs torch.compile | / floor |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for group in sorted(groups):
-        times = groups[group]
-        # Multi-tenant PARA calls its eager baseline "loop" (the per-tenant sub-batch loop).
-        eager = times.get("eager") or times.get("loop")
-        comp = times.get("torch.compile") or times.get("loop-compile")
-        floor = times.get("floor")
-        for variant, ms in sorted(times.items(), key=lambda kv: kv[1]):
-            if compact and variant.endswith("reference"):
-                continue
-            ratios = f"{_ratio(eager, ms)} | {_ratio(comp, ms)} | {_ratio(ms, floor)}"
-            lines.append(f"| {group} | {variant} | {_ms(ms)} | {ratios} |")
-    return "\n".join(lines)
+        groups[b["group"]][b["extra_info"]["variant"]] = b["stats"]["median"]
+        info.setdefault(b["group"], b["extra_info"])
+    rows = []
+    for group, medians in groups.items():
+        extra = info[group]
+        names = set(medians)
+        case = Case(
+            group=group,
+            kind=extra.get("kind") or ("model" if group.startswith("model") else "op"),
+            variants=tuple(medians),
+            build=dict,
+            baseline=extra.get("baseline") or next((n for n in ("eager", "loop", "base") if n in names), ""),
+            compiled=extra.get("compiled") or next((n for n in ("torch.compile", "loop-compile") if n in names), None),
+            floor=extra.get("floor") or ("floor" if "floor" in names else None),
+            tokens=extra.get("tokens"),
+        )
+        rows += summarize(case, medians)
+    return data, rows
 
 
 def header(data: dict) -> str:
@@ -61,39 +55,22 @@ def header(data: dict) -> str:
     return f"Measured {data.get('datetime', '?')[:19]} on {where}; python {m.get('python_version', '?')}."
 
 
-def plot(groups: dict[str, dict[str, float]], out: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = sorted(groups)
-    fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.6 * len(names) + 1), squeeze=False)
-    for ax, group in zip(axes[:, 0], names):
-        items = sorted(groups[group].items(), key=lambda kv: kv[1])
-        ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue")
-        ax.set_title(group, fontsize=9)
-        ax.set_xlabel("median ms")
-        ax.tick_params(labelsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("json")
     parser.add_argument("--plot", help="write a bar chart PNG here (needs matplotlib)")
     parser.add_argument("--compact", action="store_true", help="leave out the reference backend's rows")
     args = parser.parse_args()
-    data, groups = load(args.json)
+    data, rows = load(args.json)
+    if args.compact:
+        rows = [r for r in rows if not r["variant"].endswith("reference")]
     print(header(data))
     print()
-    print(table(groups, args.compact))
+    print(table(sorted(rows, key=lambda r: r["group"])))
     if args.plot:
-        try:
-            plot(groups, args.plot)
+        if plot(rows, args.plot):
             print(f"\nplot: {args.plot}")
-        except ImportError:
+        else:
             print("\n(matplotlib not installed: no plot)")
 
 

@@ -1,5 +1,5 @@
 """Command line: ``python -m red_kernels info | demo | bench``; ``--help`` after any command says
-what it does. Unknown flags are errors; ``bench`` passes what follows ``--`` to pytest."""
+what it does. Unknown flags are errors."""
 
 from __future__ import annotations
 
@@ -32,17 +32,31 @@ def info() -> None:
         print(f"  ({ENV_VAR}={os.environ[ENV_VAR]} is set: it overrides the automatic selection)")
 
 
-def bench(extra: list[str]) -> int:
-    """Run the pytest-benchmark files of a source checkout (benchmarks/ is not installed)."""
-    from pathlib import Path
+BENCH_DESCRIPTION = """\
+Time every op and the model-level cases on this machine (the GPU when one is visible, else the CPU),
+from the installed package; no pytest needed.
 
-    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
-    if not bench_dir.is_dir():
-        print("benchmarks/ not found: run this from a source checkout (make bench)", file=sys.stderr)
-        return 2
-    import pytest
+ops      red_edit, seq_scale, gathered_red_edit, para_vector_gen, gathered_para_vector_gen at
+         LLaMA-2-7B widths, fp32 and bf16, forward and forward+backward (and decode steps), each
+         against: eager PyTorch (as the RED / PARA code and PEFT write it; multi-tenant ops: PEFT's
+         per-tenant loop), torch.compile of that eager code, every backend that runs natively here
+         (rk-<backend>), and a memory floor (a copy of the bytes the op must move).
+models   a random-weight LLaMA (needs transformers): a training step of the frozen base, RED, RED+,
+         PARA, PEFT IA3 and PEFT LoRA r=8 (PEFT rows need peft); greedy decoding of the base, RED,
+         PARA and mixed tenants (rows of one batch on different adapters), and at full size the
+         tenants comparison with PEFT, weights and peak extra memory.
 
-    return pytest.main([str(bench_dir), "-q", "--benchmark-only", *extra])
+Variants of a case run in interleaved rounds (so a drifting CPU slows all alike); reported: medians,
+the speed-up over the baseline (eager, the loop, or the base model), over torch.compile, and the time
+over the memory floor. Writes OUT/bench.json (machine, versions, date, every row), OUT/bench.md (the
+tables) and OUT/bench.png (a chart; needs matplotlib). The full run takes roughly 10-20 minutes on
+2 CPU cores; --quick under a minute. Exit status 1 if a variant failed (its error is in the table).
+
+examples:
+  python -m red_kernels bench --quick
+  python -m red_kernels bench --ops-only --filter '^red_edit ' '^seq_scale '
+  python -m red_kernels bench --models-only --rounds 7 --out results/
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,12 +107,52 @@ def _parser() -> argparse.ArgumentParser:
         "more; torch's default with --model)",
     )
     demo.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's size
-    commands.add_parser(
+    bench = commands.add_parser(
         "bench",
-        help="run the pytest-benchmark files of a source checkout; pytest arguments after --",
-        description="Run benchmarks/ (a source checkout) with pytest-benchmark. Arguments after -- go to "
-        "pytest, e.g. python -m red_kernels bench -- -k red_edit --benchmark-json=out.json",
+        help="time every op and model-level case on this machine: table of medians and ratios, JSON, PNG",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=BENCH_DESCRIPTION,
     )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="small shapes, a tiny LLaMA and few rounds: about a minute on 2 CPU cores (a smoke test of the "
+        "machine and the install, not numbers to quote)",
+    )
+    bench.add_argument(
+        "--filter",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="PATTERN",
+        help="run only the cases whose name contains one of the patterns or, read as a regular expression, "
+        "matches it (re.search), e.g. '^red_edit ' (not gathered_red_edit), 'fwd+bwd', 'model train'; "
+        "--list shows the names",
+    )
+    bench.add_argument(
+        "--out",
+        metavar="DIR",
+        default="bench_out",
+        help="output folder for bench.json, bench.md, bench.png (default: bench_out)",
+    )
+    bench.add_argument(
+        "--rounds",
+        type=_positive,
+        metavar="N",
+        help="timed rounds of every case (default: 15 per op case, 5 per training step, 3 per decode; "
+        "--quick: 5 and 3)",
+    )
+    bench.add_argument(
+        "--threads",
+        type=_positive,
+        metavar="N",
+        help="torch CPU threads (default: torch's, one per core). On a small shared machine 1 can be faster: "
+        "waking a second thread there cost a scheduler tick (~8 ms) per parallel op",
+    )
+    only = bench.add_mutually_exclusive_group()
+    only.add_argument("--ops-only", action="store_true", help="only the op microbenchmarks")
+    only.add_argument("--models-only", action="store_true", help="only the model-level cases (needs transformers)")
+    bench.add_argument("--list", action="store_true", help="print the cases and variants that would run, and exit")
     return parser
 
 
@@ -111,22 +165,27 @@ def _positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # Only bench takes pass-through arguments, and only after "--"; everything else is parsed strictly.
-    passthrough: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, passthrough = argv[:cut], argv[cut + 1 :]
     parser = _parser()
     args = parser.parse_args(argv)
-    if passthrough and args.command != "bench":
-        parser.error(f"{args.command} takes no arguments after --: {' '.join(passthrough)}")
     if args.command == "demo" and args.model is not None and not os.path.isdir(args.model):
         parser.error(f"--model {args.model}: not a directory (a local Hugging Face checkpoint; no download)")
     if args.command == "info":
         info()
         return 0
     if args.command == "bench":
-        return bench(passthrough)
+        from red_kernels.bench.runner import run as run_bench
+
+        return run_bench(
+            quick=args.quick,
+            filters=args.filter,
+            out=args.out,
+            rounds=args.rounds,
+            ops=not args.models_only,
+            models=not args.ops_only,
+            list_only=args.list,
+            threads=args.threads,
+            command=" ".join(["python -m red_kernels", *argv]),
+        )
     from red_kernels.demo import run
 
     run(
