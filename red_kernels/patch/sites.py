@@ -218,16 +218,18 @@ def end_layer(state, layer: str, stack: str) -> None:
         state.local.vectors.pop(layer, None)
 
 
-def _para_forward(self, *args, **kwargs):
+def _para_forward(self, para_cls: type, args: tuple, kwargs: dict):
     """``forward`` of a PARA layer: the generators, then the layer's own forward.
 
     A subclass's forward rather than a forward pre-hook, so that the generators run inside the
     layer's gradient checkpoint: transformers checkpoints ``forward`` (not ``__call__``, whose hooks
-    stay outside), and the recomputation must make the vectors again for the projections' hooks."""
+    stay outside), and the recomputation must make the vectors again for the projections' hooks.
+    The layer's own forward is the one after ``para_cls`` in the MRO, not after ``type(self)``: FSDP2's
+    ``fully_shard`` gives the module yet another subclass."""
     state, layer, stack = self.__dict__[LAYER_ATTR]
     run_generators(state, layer, stack, self, args, kwargs)
     try:
-        return super(type(self), self).forward(*args, **kwargs)
+        return super(para_cls, self).forward(*args, **kwargs)
     finally:
         end_layer(state, layer, stack)
 
@@ -241,11 +243,16 @@ def _para_class(cls: type) -> type:
     distinct ``__qualname__`` so that pickling a patched model fails loudly instead of silently
     dropping PARA (save adapters with ``save_adapter``)."""
     if cls not in _PARA_CLASSES:
-        _PARA_CLASSES[cls] = type(
+
+        def forward(self, *args, **kwargs):
+            return _para_forward(self, para, args, kwargs)
+
+        para = type(
             cls.__name__,
             (cls,),
-            {"forward": _para_forward, "__qualname__": f"PARA[{cls.__qualname__}]", "_red_kernels_base": cls},
+            {"forward": forward, "__qualname__": f"PARA[{cls.__qualname__}]", "_red_kernels_base": cls},
         )
+        _PARA_CLASSES[cls] = para
     return _PARA_CLASSES[cls]
 
 
