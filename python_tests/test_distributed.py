@@ -6,8 +6,9 @@ each stepping on its half of a 4-row batch of the tiny LLaMA (2 layers, hidden 3
 - accelerate on the 2 processes (it wraps the model in DDP and shards the data loader): the same.
 - FSDP2 (``fully_shard``) on RED with a bf16 backbone and fp32 vectors, one unit per decoder layer
   plus the root: sharded for real, the editors read whole fp32 vectors inside the forward, and the
-  result equals DDP on the same bf16 model (to 1e-6; measured bit for bit). Also an fp32 backbone
-  computing in bf16 with each editor its own fp32 unit.
+  result equals DDP on the same bf16 model (to 1e-6; measured bit for bit); the adapter, saved by
+  rank 0 with every unit unsharded, loads into a plain model. Also an fp32 backbone computing in
+  bf16 with each editor its own fp32 unit.
 - FSDP2 on PARA: expected to fail on this version (see test_fsdp2_on_para).
 
 The loss is the mean of per-row mean token losses (``_dist_worker.row_mean_loss``), so that the
@@ -20,6 +21,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from _dist_worker import STEPS, batch, launch, make_model, snapshot, train
+
+import red_kernels as rk
 
 pytestmark = [
     pytest.mark.slow,
@@ -106,6 +109,12 @@ def test_fsdp2_on_a_bf16_backbone_with_fp32_vectors_trains_and_equals_ddp(tmp_pa
         _replicas_equal(fsdp["params"], r1["fsdp"][opt]["params"], f"fsdp {opt}")
         _close(fsdp["params"], ddp["params"], f"fsdp vs ddp {opt}")
         _close_losses(fsdp["losses"], ddp["losses"], f"fsdp vs ddp {opt}")
+        # Saved by rank 0 with every unit unsharded: loads into a plain model as the trained vectors.
+        fresh = make_model("red", torch.bfloat16)
+        rk.unpatch_model(fresh)
+        rk.load_adapter(fresh, tmp_path / f"adapter-{opt}")
+        loaded = {n: p.detach() for n, p in rk.adapter_parameters(fresh).items()}
+        _replicas_equal(loaded, fsdp["params"], f"fsdp {opt} saved adapter")
     # An fp32 backbone computing in bf16 (param_dtype=torch.bfloat16), each editor its own unit with
     # the default policy: the vectors stay fp32 inside the forward, and the result is DDP's on the
     # model whose frozen weights are rounded to bf16 (buffers fp32, as under FSDP2's cast).
