@@ -128,14 +128,7 @@ def test_fsdp2_on_a_bf16_backbone_with_fp32_vectors_trains_and_equals_ddp(tmp_pa
 
 def test_fsdp2_on_para(tmp_path):
     r0, r1 = launch("fsdp-para", tmp_path)
-    if "error" in r0:
-        # Only this known failure is expected; anything else fails the test.
-        assert "RecursionError" in r0["error"] and "_para_forward" in r0["error"], r0["error"]
-        pytest.xfail(
-            "PARA under fully_shard: red_kernels/patch/sites.py's _para_forward calls "
-            "super(type(self), self).forward, which calls itself once fully_shard has subclassed the "
-            "layer's class (RecursionError)"
-        )
+    assert "error" not in r0, r0["error"]  # was a RecursionError: see sites._para_forward
     fsdp, ddp = r0["fsdp"], r0["ddp"]
     assert fsdp["losses"][-1] < fsdp["losses"][0], fsdp["losses"]
     _replicas_equal(fsdp["params"], r1["fsdp"]["params"], "fsdp para")

@@ -66,7 +66,17 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
     name = _name(state, adapter_name, "adapter_state_dict")
     tensors = _adapter_tensors(model, name, state.adapters[name])
     tensors.update(_trainable_params(model, state.trainable))
-    # Own, contiguous CPU copies: safetensors refuses tensors that share storage (tied weights).
+    return _host_copies(tensors, "save_adapter")
+
+
+def _host_copies(tensors: dict[str, torch.Tensor], fn: str) -> dict[str, torch.Tensor]:
+    """Own, contiguous CPU copies (safetensors refuses tensors that share storage: tied weights)."""
+    sharded = [k for k, v in tensors.items() if hasattr(v, "full_tensor")]
+    if sharded:  # gathering here would be a collective: a rank-0-only call would hang
+        raise RuntimeError(
+            f"red_kernels.{fn}: {len(sharded)} tensor(s) are sharded DTensors (e.g. {sharded[0]!r}, FSDP2): "
+            "unshard() every FSDP unit on every rank, save on rank 0, then reshard() (README: Training stacks)"
+        )
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
@@ -199,7 +209,7 @@ def save_pretrained(
         missing = [k for k in keys if k not in source]
         if missing:
             raise ValueError(f"red_kernels.save_pretrained: state_dict lacks {len(missing)} key(s): {missing[:5]}")
-        tensors = {k: source[k].detach().to("cpu", copy=True).contiguous() for k in keys}
+        tensors = _host_copies({k: source[k] for k in keys}, "save_pretrained")
         meta = _meta(model, state, state.active, {keys[k]: v for k, v in tensors.items()})
         meta.update(weights=CHECKPOINT_WEIGHTS_NAME, adapter_name=state.active)
         _write(directory, CHECKPOINT_WEIGHTS_NAME, tensors, meta)
