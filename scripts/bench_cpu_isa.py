@@ -1,7 +1,7 @@
 """The cpu backend's forward with each build of its row kernels (RED_KERNELS_CPU_ISA: base, avx2,
 avx512) against torch.compile of the eager code, side by side in one process.
 
-Shapes and setup as benchmarks/bench_red_edit.py and bench_seq_scale.py (inputs require grad, as in
+Shapes and setup as the red_edit and seq_scale cases of red_kernels/bench/ops.py (inputs require grad, as in
 training). Rounds are interleaved (every variant once per round, order rotated), medians reported,
 ratios = torch.compile median / variant median (> 1: faster than torch.compile). Builds the CPU
 cannot run are left out. Run with huge pages for every variant, as the README's second table:
