@@ -3,13 +3,13 @@ there): a training step of a random LLaMA (hidden 512, 4 layers; frozen base, RE
 IA3, PEFT LoRA r=8), greedy decoding (base, RED, PARA, mixed tenants), and the tenants comparison
 (hidden 1024, 8 layers: base, RED / PARA tenants, PEFT LoRA mixed, PEFT IA3 loop) for batch 8 /
 8 tenants, plus batch 64 / 1, 8, 64 tenants with ``RK_BENCH_TENANTS_FULL=1`` (the default run keeps
-batch 8 to fit a 2-core CPU). Peak memory (RSS high-water mark) is recorded per tenants case.
+batch 8 to fit a 2-core CPU). Memory per case: ``python -m red_kernels bench`` or
+``benchmarks/models_side_by_side.py tenants`` (one process's RSS high-water mark cannot tell cases apart).
 
     make bench PYTEST_ARGS="benchmarks/bench_models.py"
 """
 
 import os
-import resource
 
 import pytest
 from _common import device, params, run
@@ -36,5 +36,3 @@ CASES = [
 @pytest.mark.parametrize("case, variant", params(CASES))
 def test_model(benchmark, case, variant):
     run(benchmark, case, variant)
-    if case.memory:
-        benchmark.extra_info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -54,7 +54,7 @@ def _by_group(rows: list[dict]) -> dict[str, dict[str, dict]]:
 def _check_record(record: dict, site: Path) -> None:
     m, v = record["machine"], record["versions"]
     assert m["cpu"] and isinstance(m["cores"], int) and m["cores"] >= 1
-    assert "gpu" in m
+    assert m["gpu"] is None or (isinstance(m["gpu"], str) and m["gpu"])  # no GPU here: None
     assert set(v) >= {"python", "torch", "transformers", "red_kernels"} and v["torch"] and v["red_kernels"]
     assert datetime.datetime.fromisoformat(record["date"]).tzinfo is not None
     assert Path(record["package"]).resolve() == (site / "red_kernels").resolve()  # the copy, not the checkout

@@ -92,7 +92,7 @@ def test_accelerate_on_two_processes_equals_one_process_on_the_whole_batch(tmp_p
 
 
 def test_fsdp2_on_a_bf16_backbone_with_fp32_vectors_trains_and_equals_ddp(tmp_path):
-    r0, r1 = launch("fsdp-red", tmp_path)
+    r0, _ = launch("fsdp-red", tmp_path)  # FSDP snapshots are gathered: the same on both ranks
     init = snapshot(make_model("red"))
     for opt in ("sgd", "adamw"):
         fsdp, ddp = r0["fsdp"][opt], r0["ddp"][opt]
@@ -106,7 +106,6 @@ def test_fsdp2_on_a_bf16_backbone_with_fp32_vectors_trains_and_equals_ddp(tmp_pa
         assert fsdp["losses"][-1] < fsdp["losses"][0], fsdp["losses"]
         for n, p in fsdp["params"].items():
             assert (p - init[n]).abs().max() > 1e-4, f"{opt} {n} did not move"
-        _replicas_equal(fsdp["params"], r1["fsdp"][opt]["params"], f"fsdp {opt}")
         _close(fsdp["params"], ddp["params"], f"fsdp vs ddp {opt}")
         _close_losses(fsdp["losses"], ddp["losses"], f"fsdp vs ddp {opt}")
         # Saved by rank 0 with every unit unsharded: loads into a plain model as the trained vectors.
@@ -127,10 +126,9 @@ def test_fsdp2_on_a_bf16_backbone_with_fp32_vectors_trains_and_equals_ddp(tmp_pa
 
 
 def test_fsdp2_on_para(tmp_path):
-    r0, r1 = launch("fsdp-para", tmp_path)
+    r0, _ = launch("fsdp-para", tmp_path)
     assert "error" not in r0, r0["error"]  # was a RecursionError: see sites._para_forward
     fsdp, ddp = r0["fsdp"], r0["ddp"]
     assert fsdp["losses"][-1] < fsdp["losses"][0], fsdp["losses"]
-    _replicas_equal(fsdp["params"], r1["fsdp"]["params"], "fsdp para")
     _close(fsdp["params"], ddp["params"], "fsdp vs ddp para")
     _close_losses(fsdp["losses"], ddp["losses"], "fsdp vs ddp para")

@@ -204,8 +204,7 @@ def save_pretrained(
     directory = os.fspath(save_directory)
     keys = checkpoint_keys(model)
     if state.active is not None:
-        live = dict(model.state_dict(keep_vars=True))
-        source = state_dict if state_dict is not None else live
+        source = state_dict if state_dict is not None else model.state_dict(keep_vars=True)
         missing = [k for k in keys if k not in source]
         if missing:
             raise ValueError(f"red_kernels.save_pretrained: state_dict lacks {len(missing)} key(s): {missing[:5]}")

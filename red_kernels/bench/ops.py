@@ -393,7 +393,7 @@ def gathered_para_vector_gen_cases(device: torch.device, quick: bool = False) ->
     fwd+bwd (mixed-tenant training). Baseline: the per-tenant ``loop``; no floor."""
     backends = native_backends(device)
     names = ["loop", "loop-compile", "single-tenant", *(f"rk-{b}" for b in backends)]
-    b, t, d, r, n = _para_sizes(quick)
+    _, t, d, r, n = _para_sizes(quick)
     k = 4 if quick else 16
     b = k  # one sequence per tenant
     dtypes = ["fp32"] if quick else list(DTYPES)
@@ -410,7 +410,7 @@ def gathered_para_vector_gen_cases(device: torch.device, quick: bool = False) ->
         w_down = _randn(g, (k, d, r), device, dtype, scale=0.02, grad=True)
         w_up = _randn(g, (k, r, n), device, dtype, scale=0.02, grad=True)
         b_up = torch.ones(k, n, device=device, dtype=dtype, requires_grad=True)
-        ids = torch.randperm(k, generator=g)[:b].to(device)
+        ids = torch.randperm(k, generator=g).to(device)
         grad = _randn(g, (b, n), device, dtype)
         fns = {
             "loop": eager_gathered_para_loop,
