@@ -836,3 +836,17 @@ def test_inference_scales_in_place_exactly_as_seq_scale(dtype):
     with torch.enable_grad():
         kernel = model(ids).logits.detach()
     assert torch.equal(inplace, kernel)
+
+
+def test_generate_when_a_wrapper_subclasses_the_patched_class_again():
+    """FSDP2's fully_shard swaps the model's class for a subclass of it: the patched class's generate
+    (which fixes the prompt length) must still find the original generate."""
+    model = rk.patch_model(TINY["llama"](), "para")
+    with torch.no_grad():
+        for p in rk.adapter_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.1)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    want = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    model.__class__ = type(type(model).__name__, (type(model),), {})
+    got = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(got, want)

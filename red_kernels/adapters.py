@@ -163,11 +163,7 @@ def checkpoint_keys(model: nn.Module) -> dict[str, str]:
     out = {}
     if state.active is not None:
         config = state.adapters[state.active]
-        out = {
-            _full_name(config, state.active, place, p): file_key(config, place, p)
-            for place in config.targets
-            for p in config.param_names(place)
-        }
+        out = {full: key for key, full in _full_names(config, state.active).items()}
     out.update({k: k for k in _trainable_params(model, state.trainable)})
     return out
 
@@ -333,11 +329,7 @@ def _read_tensors(directory: str | os.PathLike, meta: dict, config: AdapterConfi
         raise _bad(path, f"not a readable safetensors file (truncated, empty or another format: {exc})") from None
     if weights == CHECKPOINT_WEIGHTS_NAME:
         saved = meta["adapter_name"]
-        to_file = {
-            _full_name(config, saved, place, p): file_key(config, place, p)
-            for place in config.targets
-            for p in config.param_names(place)
-        }
+        to_file = {full: key for key, full in _full_names(config, saved).items()}
         tensors = {to_file.get(k, k): v for k, v in tensors.items()}
     return tensors
 
@@ -497,11 +489,7 @@ def load_adapter(
     try:
         params = dict(model.named_parameters(remove_duplicate=False))
         buffers = dict(model.named_buffers(remove_duplicate=False))
-        full = {
-            file_key(config, place, p): _full_name(config, name, place, p)
-            for place in config.targets
-            for p in config.param_names(place)
-        }
+        full = _full_names(config, name)
         with torch.no_grad():
             for key, value in tensors.items():
                 key = full.get(key, key)
@@ -521,10 +509,15 @@ def load_adapter(
     return model
 
 
-def _full_name(config: AdapterConfig, name: str, place: str, param: str) -> str:
-    """The model's parameter name of an adapter tensor (the file's key plus the adapter's name)."""
-    key = file_key(config, place, param)
-    return key[: -len(param)] + f"{name}.{param}"
+def _full_names(config: AdapterConfig, name: str) -> dict[str, str]:
+    """File key -> the model's parameter name (the file's key plus the adapter's name) of every
+    tensor of adapter ``name``."""
+    out = {}
+    for place in config.targets:
+        for param in config.param_names(place):
+            key = file_key(config, place, param)
+            out[key] = key[: -len(param)] + f"{name}.{param}"
+    return out
 
 
 def _esc(name: str) -> str:

@@ -2,7 +2,7 @@
 
 - ``save_pretrained`` (which ``Trainer`` checkpoints and ``save_model()`` call) writes the adapters
   instead of the base weights (:func:`red_kernels.adapters.save_pretrained`), with a
-  ``_keys_to_ignore_on_save`` listing the frozen keys (:class:`FrozenKeys`), which transformers'
+  ``_keys_to_ignore_on_save`` listing the frozen keys (:func:`frozen_keys`), which transformers'
   Trainer compares with what a resumed checkpoint lacks;
 - ``generate`` fixes the prompt's length for the whole generation when PARA pools the prompt's last
   token (:func:`~red_kernels.patch.context.generate_with_prompt`).
@@ -12,37 +12,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Set
-
 from torch import nn
 
 from red_kernels.patch import context
 
 
-class FrozenKeys(Set):
+def frozen_keys(model: nn.Module) -> frozenset[str]:
     """The state-dict keys that ``save_pretrained`` of a patched model leaves out: the frozen base and
     the inactive adapters, computed when read (so adding an adapter costs nothing here).
 
     transformers' Trainer, resuming from a checkpoint, compares the keys the checkpoint lacks with
     the model's ``_keys_to_ignore_on_save`` and warns only when they differ."""
+    from red_kernels.adapters import checkpoint_keys
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def _keys(self) -> set[str]:
-        from red_kernels.adapters import checkpoint_keys
-
-        saved = checkpoint_keys(self.model)
-        return {k for k in self.model.state_dict(keep_vars=True) if k not in saved}
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._keys()
-
-    def __iter__(self):
-        return iter(self._keys())
-
-    def __len__(self) -> int:
-        return len(self._keys())
+    saved = checkpoint_keys(model)
+    return frozenset(k for k in model.state_dict(keep_vars=True) if k not in saved)
 
 
 def _save_pretrained(self, *args, **kwargs) -> None:
@@ -59,7 +43,8 @@ def _generate(self, *args, **kwargs):
     from red_kernels.patch.core import patch_state
 
     state = patch_state(self)
-    generate = vars(type(self))[ROOT_BASE].generate
+    # getattr, not vars(type(self)): a wrapper (FSDP2's fully_shard) may subclass the class again
+    generate = getattr(type(self), ROOT_BASE).generate
     if state is not None and state.prompt_generate:
         return context.generate_with_prompt(state, self, generate, *args, **kwargs)
     return generate(self, *args, **kwargs)
@@ -74,20 +59,20 @@ def attach_root_class(model: nn.Module) -> None:
 
     - ``save_pretrained`` (which Trainer checkpoints and ``save_model()`` call) writes the adapters
       instead of the base weights (:func:`red_kernels.adapters.save_pretrained`), with a
-      ``_keys_to_ignore_on_save`` listing the frozen keys (:class:`FrozenKeys`);
+      ``_keys_to_ignore_on_save`` listing the frozen keys (:func:`frozen_keys`);
     - ``generate`` fixes the prompt's length for the whole generation when PARA pools it
       (:func:`~red_kernels.patch.context.generate_with_prompt`).
 
     A class rather than methods stored on the instance: those would hold the model and make a
     reference cycle, keeping a deleted model's memory until the garbage collector's next full pass."""
     cls = type(model)
-    if ROOT_BASE in vars(cls):
+    if getattr(cls, ROOT_BASE, None) is not None:  # already (also under a wrapper's subclass)
         return
     if cls not in _ROOT_CLASSES:
         body = {ROOT_BASE: cls, "__module__": cls.__module__, "__qualname__": f"RED_KERNELS[{cls.__qualname__}]"}
         if callable(getattr(cls, "save_pretrained", None)):
             body["save_pretrained"] = _save_pretrained
-            body["_keys_to_ignore_on_save"] = property(FrozenKeys, _set_ignored)
+            body["_keys_to_ignore_on_save"] = property(frozen_keys, _set_ignored)
         if callable(getattr(cls, "generate", None)):
             body["generate"] = _generate
         if len(body) == 3:
@@ -102,4 +87,4 @@ def detach_root_class(model: nn.Module) -> None:
         model.__class__ = base
 
 
-__all__ = ["FrozenKeys", "attach_root_class", "detach_root_class"]
+__all__ = ["attach_root_class", "detach_root_class", "frozen_keys"]
