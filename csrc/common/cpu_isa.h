@@ -4,7 +4,8 @@
 // kernels (csrc/<op>/<op>_cpu_kernels.inc) are compiled twice more, under
 // `#pragma GCC target("avx2,fma,f16c")` (RK_BEGIN_AVX2 / RK_END_AVX2, namespace avx2) and under
 // an AVX-512 target (RK_BEGIN_AVX512 / RK_END_AVX512, namespace avx512: F/BW/VL/DQ with FMA and
-// F16C, 512-bit vectors preferred), and RK_ISA_CALL picks the widest one the CPU supports.
+// F16C, 512-bit vectors preferred), all three by common/isa_namespaces.inc, and RK_ISA_CALL picks
+// the widest one the CPU supports.
 // RED_KERNELS_CPU_ISA=base|avx2|avx512 forces one (the tests run every one the CPU supports); a
 // request the CPU cannot run falls back to the widest it can (cpu_isa_name() says which runs), any
 // other value is an error. Python: red_kernels._C.cpu_isa(), cpu_isa_supported(), _set_cpu_isa().

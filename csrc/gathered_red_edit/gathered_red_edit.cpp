@@ -194,23 +194,8 @@ at::Tensor gathered_table(const c10::optional<at::Tensor>& p, int64_t d, const a
 // red_edit's row loops, built for the baseline ISA, AVX2 and AVX-512 (see cpu_isa.h); their own
 // namespace keeps these instantiations apart from red_edit.cpp's.
 namespace gathered_isa {
-namespace base {
-#include "red_edit/red_edit_cpu_kernels.inc"
-}  // namespace base
-#if RK_HAVE_AVX2_PATH
-RK_BEGIN_AVX2
-namespace avx2 {
-#include "red_edit/red_edit_cpu_kernels.inc"
-}  // namespace avx2
-RK_END_AVX2
-#endif
-#if RK_HAVE_AVX512_PATH
-RK_BEGIN_AVX512
-namespace avx512 {
-#include "red_edit/red_edit_cpu_kernels.inc"
-}  // namespace avx512
-RK_END_AVX512
-#endif
+#define RK_ROW_KERNELS "red_edit/red_edit_cpu_kernels.inc"
+#include "common/isa_namespaces.inc"
 }  // namespace gathered_isa
 
 namespace {

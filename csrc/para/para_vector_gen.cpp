@@ -167,30 +167,10 @@ namespace {
 constexpr int64_t kColBlock = 512;  // output columns per task (w_up block stays in L1/L2)
 constexpr int64_t kRowBlock = 256;  // rows of w_down per task in its gradient
 
-namespace base {
-#include "para/para_vector_gen_cpu_kernels.inc"
-}  // namespace base
-
-#if RK_HAVE_AVX2_PATH
-RK_BEGIN_AVX2
-namespace avx2 {
-#define RK_PARA_AVX2_BODY 1
-#include "para/para_vector_gen_cpu_kernels.inc"
-#undef RK_PARA_AVX2_BODY
-}  // namespace avx2
-RK_END_AVX2
-#endif
-#if RK_HAVE_AVX512_PATH
-// The AVX2 register tiles (intrinsics) are kept as they are: AVX-512 implies AVX2, and the rest of
-// the loops are auto-vectorised at 512 bits.
-RK_BEGIN_AVX512
-namespace avx512 {
-#define RK_PARA_AVX2_BODY 1
-#include "para/para_vector_gen_cpu_kernels.inc"
-#undef RK_PARA_AVX2_BODY
-}  // namespace avx512
-RK_END_AVX512
-#endif
+// The avx512 build keeps the AVX2 register tiles (intrinsics, under RK_ROW_AVX2) as they are:
+// AVX-512 implies AVX2, and the rest of the loops are auto-vectorised at 512 bits.
+#define RK_ROW_KERNELS "para/para_vector_gen_cpu_kernels.inc"
+#include "common/isa_namespaces.inc"
 
 // Rows of the batch grouped by tenant on the host (CPU ids), with para_segments' meaning: a
 // stable counting sort, so tenant k owns rows[offsets[k] .. offsets[k + 1]) in batch order and the

@@ -66,24 +66,8 @@ void red_edit_bwd_check(const char* op, const at::Tensor& grad_out,
   check_vector(op, scale, "scale", grad_out.size(-1), grad_out);
 }
 
-namespace base {
-#include "red_edit/red_edit_cpu_kernels.inc"
-}  // namespace base
-
-#if RK_HAVE_AVX2_PATH
-RK_BEGIN_AVX2
-namespace avx2 {
-#include "red_edit/red_edit_cpu_kernels.inc"
-}  // namespace avx2
-RK_END_AVX2
-#endif
-#if RK_HAVE_AVX512_PATH
-RK_BEGIN_AVX512
-namespace avx512 {
-#include "red_edit/red_edit_cpu_kernels.inc"
-}  // namespace avx512
-RK_END_AVX512
-#endif
+#define RK_ROW_KERNELS "red_edit/red_edit_cpu_kernels.inc"
+#include "common/isa_namespaces.inc"
 
 namespace {
 

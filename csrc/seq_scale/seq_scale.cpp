@@ -148,24 +148,8 @@ SeqScalePlan seq_scale_plan(const c10::optional<at::Tensor>& seq_index, int64_t 
   return plan;
 }
 
-namespace base {
-#include "seq_scale/seq_scale_cpu_kernels.inc"
-}  // namespace base
-
-#if RK_HAVE_AVX2_PATH
-RK_BEGIN_AVX2
-namespace avx2 {
-#include "seq_scale/seq_scale_cpu_kernels.inc"
-}  // namespace avx2
-RK_END_AVX2
-#endif
-#if RK_HAVE_AVX512_PATH
-RK_BEGIN_AVX512
-namespace avx512 {
-#include "seq_scale/seq_scale_cpu_kernels.inc"
-}  // namespace avx512
-RK_END_AVX512
-#endif
+#define RK_ROW_KERNELS "seq_scale/seq_scale_cpu_kernels.inc"
+#include "common/isa_namespaces.inc"
 
 namespace {
 
