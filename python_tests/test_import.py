@@ -80,3 +80,13 @@ def test_info_command_lists_every_backend():
     for name in ("reference", "cpu", "triton", "cuda"):
         assert name in proc.stdout
     assert "unavailable" in proc.stdout  # cuda, at least, on this machine: and it says why
+    assert "cpu outputs: huge-page advice on" in proc.stdout
+
+
+def test_info_command_says_when_huge_page_advice_is_off():
+    env = {**os.environ, "RED_KERNELS_NO_HUGE_PAGES": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "red_kernels", "info"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "cpu outputs: huge-page advice off (RED_KERNELS_NO_HUGE_PAGES)" in proc.stdout

@@ -30,6 +30,24 @@ def info() -> None:
         print(f"  {op:<26}" + "".join(f"{picks[d][op]:<12}" for d in devices))
     if os.environ.get(ENV_VAR):
         print(f"  ({ENV_VAR}={os.environ[ENV_VAR]} is set: it overrides the automatic selection)")
+    print(f"cpu outputs: {_huge_page_note()}")
+
+
+def _huge_page_note() -> str:
+    """What the cpu backend's huge-page advice for large outputs (csrc/common/alloc.h) meets here."""
+    off = os.environ.get("RED_KERNELS_NO_HUGE_PAGES", "")
+    if off and not off.startswith("0"):  # alloc.h's reading of the variable
+        return "huge-page advice off (RED_KERNELS_NO_HUGE_PAGES)"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        return "huge-page advice on; transparent huge pages not available here (advice is a no-op)"
+    note = f"huge-page advice on (transparent huge pages: {thp})"
+    if thp != "never" and os.path.isdir("/sys/module/page_reporting"):
+        # A memory balloon takes freed blocks back from the VM: re-faulting them as huge pages stalls.
+        note += "; free page reporting is on (a VM memory balloon): see README 'Huge pages on VMs'"
+    return note
 
 
 BENCH_DESCRIPTION = """\
