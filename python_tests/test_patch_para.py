@@ -850,3 +850,36 @@ def test_generate_when_a_wrapper_subclasses_the_patched_class_again():
     model.__class__ = type(type(model).__name__, (type(model),), {})
     got = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
     assert torch.equal(got, want)
+
+
+def test_adapters_added_and_deleted_under_a_wrapper_subclass(tmp_path, monkeypatch):
+    """After a wrapper subclassed the PARA layers' class (FSDP2's fully_shard), adding a PARA adapter
+    keeps the wrapper's class (a second PARA class on top would run the generators twice), and
+    deleting every PARA adapter leaves layers that run their own forward (the class cannot be given
+    back under the wrapper; unpatch_model refuses such a model, see test_patch_models)."""
+    model = patched("llama")
+    rk.save_adapter(model, tmp_path / "para")
+    red = rk.patch_model(make("llama"), "red")
+    with torch.no_grad():
+        for p in rk.adapter_parameters(red).values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
+    rk.save_adapter(red, tmp_path / "red")
+    for layer in model.model.layers:
+        layer.__class__ = type("Wrapped" + type(layer).__name__, (type(layer),), {})
+    classes = [type(layer) for layer in model.model.layers]
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(7))
+    want = run(model, input_ids=ids)
+
+    rk.load_adapter(model, tmp_path / "para", "second")
+    rk.set_adapter(model, "second")
+    assert [type(layer) for layer in model.model.layers] == classes
+    calls = count_generator_calls(monkeypatch)
+    assert torch.equal(run(model, input_ids=ids), want)
+    assert len(calls) == 2  # once per layer
+
+    rk.load_adapter(model, tmp_path / "red", "red")
+    rk.set_adapter(model, "red")
+    rk.delete_adapter(model, "default")
+    rk.delete_adapter(model, "second")
+    assert [type(layer) for layer in model.model.layers] == classes
+    assert torch.equal(run(model, input_ids=ids), run(red, input_ids=ids))
