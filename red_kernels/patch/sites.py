@@ -23,9 +23,11 @@ its own copied state, and detaching finds them by function):
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks
 
 from red_kernels.ops.gathered_para_vector_gen import gathered_para_vector_gen
 from red_kernels.ops.gathered_red_edit import gathered_red_edit
@@ -75,6 +77,7 @@ def site_hook(state, name: str, module: nn.Module, args: tuple, output):
     if rows is None:
         return output
     bank = module._modules.get(EDITOR_ATTR)
+    fresh = False  # whether ``output`` is known to be a tensor made in this hook
     if bank is not None:
         output = _apply_red(state, (name, EDITOR_ATTR), bank, rows, output)
     for layer, pieces in state.para_sites.get(name, ()):
@@ -82,14 +85,39 @@ def site_hook(state, name: str, module: nn.Module, args: tuple, output):
         if vec is None:
             continue
         vec = _module_vector(vec, pieces, output.shape[-1])
-        if output.dim() == 3 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if (
+            output.dim() == 3
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and (fresh or _output_is_fresh(module))
+        ):
             # Inference: scale the projection's fresh output in place, as seq_scale would compute it
             # (fp32 multiply, rounded once to the output's dtype), without a second
             # activation-sized tensor (its page faults cost as much as the arithmetic on CPU).
             output.mul_(vec.unsqueeze(1))
         else:
             output = seq_scale(output, vec, backend=state.backend)
+        fresh = True  # what this loop returns is its own tensor: in place or seq_scale's result
     return output
+
+
+def _output_is_fresh(module: nn.Module) -> bool:
+    """Whether the output our forward hook receives is provably a new tensor that nobody else holds,
+    so that scaling it in place changes nothing anyone can see: the module computes it with
+    ``nn.Linear``'s or transformers' ``Conv1D``'s own forward (a new matmul result; a subclass or an
+    instance attribute may override ``forward`` and return a cached or aliased tensor), and no other
+    forward hook ran before ours (a global one, or one on this module registered before the patch or
+    with ``prepend=True``, may have returned a tensor it also keeps). Cost: a few dict lookups."""
+    if _global_forward_hooks or "forward" in module.__dict__:
+        return False
+    first = next(iter(module._forward_hooks.values()), None)
+    if not (isinstance(first, functools.partial) and first.func is site_hook):
+        return False
+    forward = type(module).forward
+    if forward is nn.Linear.forward:
+        return True
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and forward is conv1d.forward
 
 
 def _apply_red(state, site: tuple, bank: nn.ModuleDict, rows, h: Tensor) -> Tensor:
