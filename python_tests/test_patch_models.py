@@ -316,3 +316,62 @@ def test_a_deleted_patched_model_is_freed_without_the_garbage_collector(arch, me
         assert ref() is None
     finally:
         gc.enable()
+
+
+# --- a wrapper (FSDP2's fully_shard) subclassing the patched classes again ----------------------
+
+
+def _wrap(module: nn.Module) -> None:
+    """What FSDP2's fully_shard does to a module's class: a new subclass of the current one."""
+    module.__class__ = type("Wrapped" + type(module).__name__, (type(module),), {})
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers if hasattr(model, "model") else model.transformer.h
+
+
+def _patched_and_trained(name: str, method: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = rk.patch_model(TINY[name](), method)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in rk.adapter_parameters(model).values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("wrapped", ["root", "layers", "both"])
+@pytest.mark.parametrize("method", ["red", "para"])
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_unpatch_under_a_wrapper_subclass_refuses_and_leaves_the_model_patched(name, method, wrapped):
+    """A class that patching gave a module (the root model's; PARA's layers') cannot be given back
+    once a wrapper subclassed it again: unpatch_model says so and changes nothing. RED gives the
+    layers no class, so with only the layers wrapped it unpatches."""
+    model = _patched_and_trained(name, method)
+    inputs = inputs_for(model)
+    with torch.no_grad():
+        want = logits(model, inputs)
+    if wrapped in ("layers", "both"):
+        for layer in _layers(model):
+            _wrap(layer)
+    if wrapped in ("root", "both"):
+        _wrap(model)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    names = list(model.state_dict())
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    refused = wrapped != "layers" or method == "para"
+    if not refused:
+        rk.unpatch_model(model)
+        assert type(model).__name__ == type(model).__qualname__  # its own class again
+        assert not any(m._forward_hooks for m in model.modules())
+        return
+    first_layer = {"llama": "model.layers.0", "gpt2": "transformer.h.0"}[name]
+    first = "(the model itself)" if wrapped != "layers" else first_layer
+    with pytest.raises(RuntimeError, match=rf"unpatch_model: module '{re.escape(first)}' .*before wrapping"):
+        rk.unpatch_model(model)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert list(model.state_dict()) == names
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    assert rk.patch.patch_state(model) is not None
+    with torch.no_grad():
+        assert torch.equal(logits(model, inputs), want)

@@ -850,3 +850,106 @@ def test_generate_when_a_wrapper_subclasses_the_patched_class_again():
     model.__class__ = type(type(model).__name__, (type(model),), {})
     got = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
     assert torch.equal(got, want)
+
+
+def test_adapters_added_and_deleted_under_a_wrapper_subclass(tmp_path, monkeypatch):
+    """After a wrapper subclassed the PARA layers' class (FSDP2's fully_shard), adding a PARA adapter
+    keeps the wrapper's class (a second PARA class on top would run the generators twice), and
+    deleting every PARA adapter leaves layers that run their own forward (the class cannot be given
+    back under the wrapper; unpatch_model refuses such a model, see test_patch_models)."""
+    model = patched("llama")
+    rk.save_adapter(model, tmp_path / "para")
+    red = rk.patch_model(make("llama"), "red")
+    with torch.no_grad():
+        for p in rk.adapter_parameters(red).values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
+    rk.save_adapter(red, tmp_path / "red")
+    for layer in model.model.layers:
+        layer.__class__ = type("Wrapped" + type(layer).__name__, (type(layer),), {})
+    classes = [type(layer) for layer in model.model.layers]
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(7))
+    want = run(model, input_ids=ids)
+
+    rk.load_adapter(model, tmp_path / "para", "second")
+    rk.set_adapter(model, "second")
+    assert [type(layer) for layer in model.model.layers] == classes
+    calls = count_generator_calls(monkeypatch)
+    assert torch.equal(run(model, input_ids=ids), want)
+    assert len(calls) == 2  # once per layer
+
+    rk.load_adapter(model, tmp_path / "red", "red")
+    rk.set_adapter(model, "red")
+    rk.delete_adapter(model, "default")
+    rk.delete_adapter(model, "second")
+    assert [type(layer) for layer in model.model.layers] == classes
+    assert torch.equal(run(model, input_ids=ids), run(red, input_ids=ids))
+
+
+def count_seq_scale_calls(monkeypatch) -> list[int]:
+    calls = []
+    real = sites.seq_scale
+
+    def counting(h, *args, **kwargs):
+        calls.append(h.shape[1])
+        return real(h, *args, **kwargs)
+
+    monkeypatch.setattr(sites, "seq_scale", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_generate_scales_every_projection_in_place(name, monkeypatch):
+    """The decode-speed path: in plain generate (nn.Linear / Conv1D projections, no other hooks) every
+    scaled projection is multiplied in place, never through seq_scale; with autograd it is seq_scale."""
+    model = patched(name)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(7))
+    calls = count_seq_scale_calls(monkeypatch)
+    model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert calls == []
+    with torch.enable_grad():
+        model(ids)
+    assert calls  # the counter does see the out-of-place path
+
+
+@pytest.mark.parametrize("where", ["hook before the patch", "prepended hook", "caching forward", "global hook"])
+def test_an_output_held_elsewhere_is_not_scaled_in_place(where):
+    """A projection output that someone else also holds (an earlier forward hook that returns a tensor
+    it keeps, a module that caches its output) is scaled out of place: the kept tensor is left as the
+    projection computed it, and the logits equal the autograd path's."""
+    model = make("llama")
+    q = model.model.layers[0].self_attn.q_proj
+    kept = []
+
+    def keep(module, args, out):
+        kept.append((out, out.clone()))
+        return out
+
+    class CachingLinear(nn.Linear):
+        def forward(self, x):
+            out = super().forward(x)
+            kept.append((out, out.clone()))
+            return out
+
+    if where == "hook before the patch":
+        q.register_forward_hook(keep)
+    elif where == "caching forward":
+        q.__class__ = CachingLinear
+    rk.patch_model(model, "para", **OPTIONS)
+    perturb(model, "llama")
+    handle = None
+    if where == "prepended hook":
+        handle = q.register_forward_hook(keep, prepend=True)
+    elif where == "global hook":
+        handle = nn.modules.module.register_module_forward_hook(lambda m, a, out: keep(m, a, out) if m is q else None)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(7))
+    try:
+        got = run(model, input_ids=ids)
+        with torch.enable_grad():
+            want = model(input_ids=ids).logits.detach()
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert len(kept) == 2
+    out, snapshot = kept[0]
+    assert torch.equal(out, snapshot)
+    assert torch.equal(got, want)

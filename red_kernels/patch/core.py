@@ -464,12 +464,37 @@ def _remove_everything(model: nn.Module, state: PatchState) -> None:
         delattr(model, STATE_ATTR)
 
 
+def check_own_classes(model: nn.Module, fn: str) -> None:
+    """RuntimeError, before anything changes, when a class that patching gave a module (a PARA
+    layer's, the root model's) has since been subclassed again by someone else.
+
+    A wrapper such as FSDP2's ``fully_shard`` replaces ``module.__class__`` with a new subclass of the
+    class it finds. Giving the module its own class back would mean rebuilding the wrapper's class on
+    another base, behind the wrapper's back (its class caches, and its parameter groups, which hold
+    the adapters' parameters); so unpatching such a model is refused instead."""
+    for name, module in base_modules(model):
+        for marker in (sites.PARA_BASE, root.ROOT_BASE):
+            made = sites.subclassed_again(module, marker)
+            if made is not None:
+                raise RuntimeError(
+                    f"red_kernels.{fn}: module {name or '(the model itself)'!r} is a "
+                    f"{type(module).__qualname__}, a subclass that something made of red_kernels' "
+                    f"{made.__qualname__} after patching (a wrapper such as FSDP2's fully_shard does so); "
+                    "red_kernels cannot give it its own class back without undoing the wrapper. Call "
+                    f"red_kernels.{fn} before wrapping the model (or on an unwrapped copy); nothing was changed"
+                )
+
+
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Remove every adapter, bank and hook and restore each parameter's ``requires_grad``, in place.
 
     The module tree and ``state_dict`` are then those of the original model, bit for bit (modules
-    kept trainable with ``trainable=`` keep whatever training did to them)."""
-    _remove_everything(model, require_patched(model, "unpatch_model"))
+    kept trainable with ``trainable=`` keep whatever training did to them). Raises RuntimeError,
+    leaving the model patched, when a wrapper has subclassed a patched class again
+    (:func:`check_own_classes`): unpatch before wrapping."""
+    state = require_patched(model, "unpatch_model")
+    check_own_classes(model, "unpatch_model")
+    _remove_everything(model, state)
     return model
 
 

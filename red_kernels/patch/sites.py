@@ -23,9 +23,11 @@ its own copied state, and detaching finds them by function):
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks
 
 from red_kernels.ops.gathered_para_vector_gen import gathered_para_vector_gen
 from red_kernels.ops.gathered_red_edit import gathered_red_edit
@@ -75,6 +77,7 @@ def site_hook(state, name: str, module: nn.Module, args: tuple, output):
     if rows is None:
         return output
     bank = module._modules.get(EDITOR_ATTR)
+    fresh = False  # whether ``output`` is known to be a tensor made in this hook
     if bank is not None:
         output = _apply_red(state, (name, EDITOR_ATTR), bank, rows, output)
     for layer, pieces in state.para_sites.get(name, ()):
@@ -82,14 +85,39 @@ def site_hook(state, name: str, module: nn.Module, args: tuple, output):
         if vec is None:
             continue
         vec = _module_vector(vec, pieces, output.shape[-1])
-        if output.dim() == 3 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if (
+            output.dim() == 3
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and (fresh or _output_is_fresh(module))
+        ):
             # Inference: scale the projection's fresh output in place, as seq_scale would compute it
             # (fp32 multiply, rounded once to the output's dtype), without a second
             # activation-sized tensor (its page faults cost as much as the arithmetic on CPU).
             output.mul_(vec.unsqueeze(1))
         else:
             output = seq_scale(output, vec, backend=state.backend)
+        fresh = True  # what this loop returns is its own tensor: in place or seq_scale's result
     return output
+
+
+def _output_is_fresh(module: nn.Module) -> bool:
+    """Whether the output our forward hook receives is provably a new tensor that nobody else holds,
+    so that scaling it in place changes nothing anyone can see: the module computes it with
+    ``nn.Linear``'s or transformers' ``Conv1D``'s own forward (a new matmul result; a subclass or an
+    instance attribute may override ``forward`` and return a cached or aliased tensor), and no other
+    forward hook ran before ours (a global one, or one on this module registered before the patch or
+    with ``prepend=True``, may have returned a tensor it also keeps). Cost: a few dict lookups."""
+    if _global_forward_hooks or "forward" in module.__dict__:
+        return False
+    first = next(iter(module._forward_hooks.values()), None)
+    if not (isinstance(first, functools.partial) and first.func is site_hook):
+        return False
+    forward = type(module).forward
+    if forward is nn.Linear.forward:
+        return True
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and forward is conv1d.forward
 
 
 def _apply_red(state, site: tuple, bank: nn.ModuleDict, rows, h: Tensor) -> Tensor:
@@ -225,8 +253,13 @@ def _para_forward(self, para_cls: type, args: tuple, kwargs: dict):
     layer's gradient checkpoint: transformers checkpoints ``forward`` (not ``__call__``, whose hooks
     stay outside), and the recomputation must make the vectors again for the projections' hooks.
     The layer's own forward is the one after ``para_cls`` in the MRO, not after ``type(self)``: FSDP2's
-    ``fully_shard`` gives the module yet another subclass."""
-    state, layer, stack = self.__dict__[LAYER_ATTR]
+    ``fully_shard`` gives the module yet another subclass. A layer whose PARA adapters were all
+    deleted under such a wrapper keeps the class (it cannot be given back without undoing the
+    wrapper's) but no longer its entry, and runs its own forward alone."""
+    entry = self.__dict__.get(LAYER_ATTR)
+    if entry is None:
+        return super(para_cls, self).forward(*args, **kwargs)
+    state, layer, stack = entry
     run_generators(state, layer, stack, self, args, kwargs)
     try:
         return super(para_cls, self).forward(*args, **kwargs)
@@ -235,6 +268,7 @@ def _para_forward(self, para_cls: type, args: tuple, kwargs: dict):
 
 
 LAYER_ATTR = "_red_kernels_para_layer"
+PARA_BASE = "_red_kernels_base"  # in the body of each PARA layer class: the class it derives from
 _PARA_CLASSES: dict[type, type] = {}
 
 
@@ -250,7 +284,7 @@ def _para_class(cls: type) -> type:
         para = type(
             cls.__name__,
             (cls,),
-            {"forward": forward, "__qualname__": f"PARA[{cls.__qualname__}]", "_red_kernels_base": cls},
+            {"forward": forward, "__qualname__": f"PARA[{cls.__qualname__}]", PARA_BASE: cls},
         )
         _PARA_CLASSES[cls] = para
     return _PARA_CLASSES[cls]
@@ -279,7 +313,9 @@ def attach_input_site(state, module: nn.Module, name: str) -> None:
 
 def attach_layer(state, module: nn.Module, layer: str, stack: str) -> None:
     module.__dict__[LAYER_ATTR] = (state, layer, stack)
-    if "_red_kernels_base" not in vars(type(module)):
+    # getattr, not vars(type(module)): under a wrapper's subclass of the PARA class (FSDP2's
+    # fully_shard) the layer is PARA already; another PARA class on top would run the generators twice.
+    if getattr(type(module), PARA_BASE, None) is None:
         module.__class__ = _para_class(type(module))
 
 
@@ -315,7 +351,20 @@ def detach_hooks(module: nn.Module) -> None:
                     "_forward_pre_hooks_with_kwargs",
                 ):
                     getattr(module, extra, {}).pop(hook_id, None)
-    base = vars(type(module)).get("_red_kernels_base")
+    # Only a class red_kernels made is given back; under a wrapper's subclass of it the class stays
+    # (unpatch_model refuses such a model first, see red_kernels.patch.core.check_own_classes).
+    base = vars(type(module)).get(PARA_BASE)
     if base is not None:
         module.__class__ = base
     module.__dict__.pop(LAYER_ATTR, None)
+
+
+def subclassed_again(module: nn.Module, marker: str) -> type | None:
+    """The red_kernels-made class (one whose body holds ``marker``: :data:`PARA_BASE` or the root
+    class's) that ``module``'s class derives from when someone else subclassed it again after the
+    patch (FSDP2's ``fully_shard`` replaces ``module.__class__`` with a subclass of it); None when the
+    class is red_kernels' own or derives from none."""
+    cls = type(module)
+    if marker in vars(cls):
+        return None
+    return next((c for c in cls.__mro__ if marker in vars(c)), None)
