@@ -204,6 +204,8 @@ def merge_model(model: nn.Module) -> nn.Module:
             "Ship the adapter (red_kernels.save_adapter) and merge after loading instead.",
             stacklevel=2,
         )
+        # On the instance, so it outlives this class: patching the model again gives it a class whose
+        # save_pretrained (a data descriptor, see root.py) wins until unpatch_model, which brings this back.
         if callable(getattr(type(model), "save_pretrained", None)):
             model.__dict__["save_pretrained"] = functools.partial(_refuse_save, type(model).__name__, orphan)
     return model
