@@ -105,6 +105,30 @@ def test_save_pretrained_keeps_every_adapter(tmp_path):
         torch.testing.assert_close(_logits(reloaded), _logits(model), rtol=0, atol=0)
 
 
+def test_save_pretrained_of_several_adapters_with_trainable_modules_loads_back(tmp_path):
+    """The trainable modules are shared by the adapters: saved once, at the top; each ``<name>/``
+    loads beside the top-level adapter and every adapter's logits come back."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    model = rk.patch_model(copy.deepcopy(base), "red", trainable=["lm_head"])
+    _perturb(model, 0)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5)  # a "trained" head
+    other = rk.patch_model(copy.deepcopy(base), "ia3")
+    _perturb(other, 1)
+    rk.save_adapter(other, tmp_path / "src" / "b")
+    rk.load_adapter(model, tmp_path / "src" / "b")
+    model.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "b" / "adapter_config.json").read_text())["trainable"] == []
+    reloaded = rk.load_adapter(copy.deepcopy(base), tmp_path / "out")
+    rk.load_adapter(reloaded, tmp_path / "out" / "b", adapter_name="b")
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+    for name in ("default", "b"):
+        rk.set_adapter(model, name)
+        rk.set_adapter(reloaded, name)
+        torch.testing.assert_close(_logits(reloaded), _logits(model), rtol=0, atol=0)
+
+
 def test_save_pretrained_options(tmp_path):
     model = _patched("red")
     model.save_pretrained(tmp_path / "rank1", is_main_process=False)
