@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from red_kernels import peft_ia3
+from red_kernels._adapter_io import CONFIG_NAME, read_safetensors
+from red_kernels._adapter_io import bad as _bad
 from red_kernels.ops._activations import ACTIVATIONS
 from red_kernels.patch.core import (
     AdapterConfig,
@@ -36,7 +38,6 @@ from red_kernels.patch.targets import ARCH_BY_NAME, METHODS
 
 WEIGHTS_NAME = "adapter.safetensors"
 CHECKPOINT_WEIGHTS_NAME = "model.safetensors"  # save_pretrained / Trainer checkpoints: full state-dict keys
-CONFIG_NAME = "adapter_config.json"
 FORMAT = "red_kernels.adapter"
 FORMAT_VERSION = 1
 
@@ -234,10 +235,6 @@ def save_pretrained(
 # --- reading and checking --------------------------------------------------------------------------
 
 
-def _bad(path: str, msg: str) -> ValueError:
-    return ValueError(f"red_kernels.load_adapter: {path}: {msg}; the model was left unchanged")
-
-
 def _field(meta: dict, path: str, key: str, check, what: str, optional: bool = False):
     if key not in meta:
         if optional:
@@ -333,18 +330,8 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
 
 def _read_tensors(directory: str | os.PathLike, meta: dict, config: AdapterConfig) -> dict[str, torch.Tensor]:
     """The adapter's tensors by file key (a checkpoint's full keys mapped back)."""
-    from safetensors.torch import load_file
-
     weights = meta.get("weights") or WEIGHTS_NAME
-    path = os.path.join(os.fspath(directory), weights)
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"red_kernels.load_adapter: no {weights} in {os.fspath(directory)!r}; the model was left unchanged"
-        )
-    try:
-        tensors = load_file(path)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for any damage
-        raise _bad(path, f"not a readable safetensors file (truncated, empty or another format: {exc})") from None
+    _, tensors = read_safetensors(directory, weights)
     if weights == CHECKPOINT_WEIGHTS_NAME:
         saved = meta["adapter_name"]
         to_file = {full: key for key, full in _full_names(config, saved).items()}
