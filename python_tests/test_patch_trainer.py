@@ -105,6 +105,30 @@ def test_save_pretrained_keeps_every_adapter(tmp_path):
         torch.testing.assert_close(_logits(reloaded), _logits(model), rtol=0, atol=0)
 
 
+def test_save_pretrained_of_several_adapters_with_trainable_modules_loads_back(tmp_path):
+    """The trainable modules are shared by the adapters: saved once, at the top; each ``<name>/``
+    loads beside the top-level adapter and every adapter's logits come back."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    model = rk.patch_model(copy.deepcopy(base), "red", trainable=["lm_head"])
+    _perturb(model, 0)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5)  # a "trained" head
+    other = rk.patch_model(copy.deepcopy(base), "ia3")
+    _perturb(other, 1)
+    rk.save_adapter(other, tmp_path / "src" / "b")
+    rk.load_adapter(model, tmp_path / "src" / "b")
+    model.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "b" / "adapter_config.json").read_text())["trainable"] == []
+    reloaded = rk.load_adapter(copy.deepcopy(base), tmp_path / "out")
+    rk.load_adapter(reloaded, tmp_path / "out" / "b", adapter_name="b")
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+    for name in ("default", "b"):
+        rk.set_adapter(model, name)
+        rk.set_adapter(reloaded, name)
+        torch.testing.assert_close(_logits(reloaded), _logits(model), rtol=0, atol=0)
+
+
 def test_save_pretrained_options(tmp_path):
     model = _patched("red")
     model.save_pretrained(tmp_path / "rank1", is_main_process=False)
@@ -246,6 +270,39 @@ def test_merged_model_whose_config_cannot_describe_its_biases_refuses_save_pretr
     with pytest.raises(ValueError, match="from_pretrained would silently drop"):
         model.save_pretrained(tmp_path / "t5")
     assert not (tmp_path / "t5").exists()
+
+
+def test_repatched_merged_model_saves_its_adapter_and_refuses_again_when_unpatched(tmp_path):
+    """Patching a merged model whose biases its config cannot describe: while patched, save_pretrained
+    is the patched model's (checkpoints of the new adapter); unpatched, the refusal is back."""
+    model = rk.patch_model(tiny_t5(), "red")
+    _perturb(model)
+    with pytest.warns(UserWarning, match="config cannot describe"):
+        rk.merge_model(model)
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    rk.patch_model(model, "ia3")
+    _perturb(model, seed=1)
+    model.save_pretrained(tmp_path / "ckpt")  # what Trainer calls at every checkpoint
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["adapter_config.json", "model.safetensors"]
+    with torch.no_grad():
+        want = model(**_t5_inputs()).logits
+    rk.unpatch_model(model)
+    with pytest.raises(ValueError, match="from_pretrained would silently drop"):
+        model.save_pretrained(tmp_path / "t5")
+    assert not (tmp_path / "t5").exists()
+    rk.load_adapter(model, tmp_path / "ckpt")  # onto the merged base it was trained on
+    with torch.no_grad():
+        torch.testing.assert_close(model(**_t5_inputs()).logits, want, rtol=0, atol=0)
+    rk.unpatch_model(model)
+    assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+
+
+def _t5_inputs():
+    g = torch.Generator().manual_seed(2)
+    return {
+        "input_ids": torch.randint(3, VOCAB, (2, 7), generator=g),
+        "decoder_input_ids": torch.randint(3, VOCAB, (2, 5), generator=g),
+    }
 
 
 def test_merged_model_whose_config_describes_its_biases_saves_and_reloads(tmp_path):

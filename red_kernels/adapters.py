@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from red_kernels import peft_ia3
+from red_kernels._adapter_io import CONFIG_NAME, read_safetensors
+from red_kernels._adapter_io import bad as _bad
 from red_kernels.ops._activations import ACTIVATIONS
 from red_kernels.patch.core import (
     AdapterConfig,
@@ -36,7 +38,6 @@ from red_kernels.patch.targets import ARCH_BY_NAME, METHODS
 
 WEIGHTS_NAME = "adapter.safetensors"
 CHECKPOINT_WEIGHTS_NAME = "model.safetensors"  # save_pretrained / Trainer checkpoints: full state-dict keys
-CONFIG_NAME = "adapter_config.json"
 FORMAT = "red_kernels.adapter"
 FORMAT_VERSION = 1
 
@@ -64,8 +65,13 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
     """What :func:`save_adapter` writes: the adapter's tensors and the trainable modules' parameters."""
     state = require_patched(model, "adapter_state_dict")
     name = _name(state, adapter_name, "adapter_state_dict")
+    return _saved_tensors(model, state, name, state.trainable)
+
+
+def _saved_tensors(model: nn.Module, state, name: str, trainable: list[str]) -> dict[str, torch.Tensor]:
+    """Host copies of adapter ``name``'s tensors (file keys) and of the modules ``trainable``' parameters."""
     tensors = _adapter_tensors(model, name, state.adapters[name])
-    tensors.update(_trainable_params(model, state.trainable))
+    tensors.update(_trainable_params(model, trainable))
     return _host_copies(tensors, "save_adapter")
 
 
@@ -93,8 +99,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _meta(model: nn.Module, state, name: str, tensors: dict[str, torch.Tensor]) -> dict:
-    """``adapter_config.json`` of adapter ``name`` whose tensors (file keys) are ``tensors``."""
+def _meta(model: nn.Module, state, name: str, tensors: dict[str, torch.Tensor], trainable: list[str]) -> dict:
+    """``adapter_config.json`` of adapter ``name`` whose tensors (file keys) are ``tensors``, saved with
+    the modules ``trainable`` (the model's trainable modules, or none)."""
     from red_kernels import __version__
 
     config = state.adapters[name]
@@ -113,7 +120,7 @@ def _meta(model: nn.Module, state, name: str, tensors: dict[str, torch.Tensor]) 
         "target_patterns": config.target_patterns,
         "dims": config.dims,
         "dtype": _dtype_name(next(tensors[k].dtype for k in own)),
-        "trainable": state.trainable,
+        "trainable": trainable,
         "trainable_parameters": {
             k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items() if k not in own
         },
@@ -149,11 +156,16 @@ def _write(directory: str, weights: str, tensors: dict[str, torch.Tensor], meta:
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
     """Write ``adapter.safetensors`` and ``adapter_config.json`` of one adapter (default: the active
-    one) of a patched model to ``directory``."""
+    one) of a patched model, with the modules kept trainable, to ``directory``."""
     state = require_patched(model, "save_adapter")
     name = _name(state, adapter_name, "save_adapter")
-    tensors = adapter_state_dict(model, name)
-    _write(os.fspath(directory), WEIGHTS_NAME, tensors, _meta(model, state, name, tensors))
+    _write_adapter(model, state, os.fspath(directory), name, state.trainable)
+
+
+def _write_adapter(model: nn.Module, state, directory: str, name: str, trainable: list[str]) -> None:
+    """:func:`save_adapter` of adapter ``name`` with the modules ``trainable`` (all or none of the model's)."""
+    tensors = _saved_tensors(model, state, name, trainable)
+    _write(directory, WEIGHTS_NAME, tensors, _meta(model, state, name, tensors, trainable))
 
 
 def checkpoint_keys(model: nn.Module) -> dict[str, str]:
@@ -183,8 +195,12 @@ def save_pretrained(
     modules kept trainable in ``directory`` as ``model.safetensors`` (the model's own state-dict
     keys, which ``Trainer(resume_from_checkpoint=...)`` loads into the patched model) with its
     ``adapter_config.json``; every other adapter in ``directory/<name>/`` as :func:`save_adapter`
-    writes it. No ``config.json``: ``from_pretrained`` of the directory fails instead of building a
-    model without its base weights. Load it with ``red_kernels.load_adapter(base_model, directory)``.
+    writes it, but without the trainable modules, which are shared by all adapters and saved once, at
+    the top. No ``config.json``: ``from_pretrained`` of the directory fails instead of building a
+    model without its base weights. Load it with ``red_kernels.load_adapter(base_model, directory)``,
+    then each other adapter with ``red_kernels.load_adapter(base_model, directory/<name>, <name>)``.
+    (With no active adapter nothing is written at the top, and each ``<name>/`` keeps the trainable
+    modules, so loads as the first adapter of a plain model.)
 
     ``state_dict`` (a full state dict gathered by FSDP or DeepSpeed) is where the tensors are read
     when given; ``is_main_process=False`` writes nothing; other transformers options (shard size,
@@ -205,19 +221,18 @@ def save_pretrained(
         if missing:
             raise ValueError(f"red_kernels.save_pretrained: state_dict lacks {len(missing)} key(s): {missing[:5]}")
         tensors = _host_copies({k: source[k] for k in keys}, "save_pretrained")
-        meta = _meta(model, state, state.active, {keys[k]: v for k, v in tensors.items()})
+        meta = _meta(model, state, state.active, {keys[k]: v for k, v in tensors.items()}, state.trainable)
         meta.update(weights=CHECKPOINT_WEIGHTS_NAME, adapter_name=state.active)
         _write(directory, CHECKPOINT_WEIGHTS_NAME, tensors, meta)
+    # load_adapter takes a second adapter only without trainable modules (they are not per adapter):
+    # the others leave them to the top-level file, where the active adapter saved them.
+    others_trainable = state.trainable if state.active is None else []
     for name in state.adapters:
         if name != state.active:
-            save_adapter(model, os.path.join(directory, name), name)
+            _write_adapter(model, state, os.path.join(directory, name), name, others_trainable)
 
 
 # --- reading and checking --------------------------------------------------------------------------
-
-
-def _bad(path: str, msg: str) -> ValueError:
-    return ValueError(f"red_kernels.load_adapter: {path}: {msg}; the model was left unchanged")
 
 
 def _field(meta: dict, path: str, key: str, check, what: str, optional: bool = False):
@@ -315,18 +330,8 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
 
 def _read_tensors(directory: str | os.PathLike, meta: dict, config: AdapterConfig) -> dict[str, torch.Tensor]:
     """The adapter's tensors by file key (a checkpoint's full keys mapped back)."""
-    from safetensors.torch import load_file
-
     weights = meta.get("weights") or WEIGHTS_NAME
-    path = os.path.join(os.fspath(directory), weights)
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"red_kernels.load_adapter: no {weights} in {os.fspath(directory)!r}; the model was left unchanged"
-        )
-    try:
-        tensors = load_file(path)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for any damage
-        raise _bad(path, f"not a readable safetensors file (truncated, empty or another format: {exc})") from None
+    _, tensors = read_safetensors(directory, weights)
     if weights == CHECKPOINT_WEIGHTS_NAME:
         saved = meta["adapter_name"]
         to_file = {full: key for key, full in _full_names(config, saved).items()}

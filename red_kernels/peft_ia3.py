@@ -35,9 +35,10 @@ import re
 import torch
 from torch import nn
 
+from red_kernels._adapter_io import CONFIG_NAME, read_safetensors
+from red_kernels._adapter_io import bad as _bad
 from red_kernels.patch.methods import AdapterConfig, input_dim, is_conv1d, output_dim
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 _KEY = re.compile(r"base_model\.model\.(.+)\.ia3_l")
@@ -61,10 +62,6 @@ _FIELDS = {
     "modules_to_save": (list, type(None)),
     "init_ia3_weights": bool,
 }
-
-
-def _bad(path: str, msg: str) -> ValueError:
-    return ValueError(f"red_kernels.load_adapter: {path}: {msg}; the model was left unchanged")
 
 
 def is_peft_directory(directory: str | os.PathLike) -> bool:
@@ -144,25 +141,14 @@ def _is_target(meta: dict, name: str) -> bool:
 
 
 def _read_tensors(directory: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        pickled = os.path.isfile(os.path.join(os.fspath(directory), PICKLE_NAME))
-        hint = (
-            f"; {PICKLE_NAME} is a pickle, which red_kernels does not load: save with "
-            "save_pretrained(..., safe_serialization=True)"
-            if pickled
-            else ""
-        )
-        raise ValueError(
-            f"red_kernels.load_adapter: no {WEIGHTS_NAME} in {os.fspath(directory)!r}{hint}; the model was left "
-            "unchanged"
-        )
-    try:
-        return path, load_file(path)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for any damage
-        raise _bad(path, f"not a readable safetensors file (truncated, empty or another format: {exc})") from None
+    pickled = os.path.isfile(os.path.join(os.fspath(directory), PICKLE_NAME))
+    hint = (
+        f"; {PICKLE_NAME} is a pickle, which red_kernels does not load: save with "
+        "save_pretrained(..., safe_serialization=True)"
+        if pickled
+        else ""
+    )
+    return read_safetensors(directory, WEIGHTS_NAME, hint)
 
 
 def read_peft_ia3(model: nn.Module, directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:

@@ -22,15 +22,33 @@ from red_kernels.patch.methods import INPUT_EDITOR_ATTR, is_conv1d
 from red_kernels.patch.targets import ARCH_BY_NAME
 
 
+def _acc(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the folding arithmetic runs in: fp32, or fp64 for fp64 weights."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def _as_acc(vector: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
+    """An editor's vector (or None) on the weight's device, in :func:`_acc`'s dtype."""
+    return None if vector is None else vector.detach().to(device=weight.device, dtype=_acc(weight))
+
+
+@torch.no_grad()
+def _scale_weight(module: nn.Module, s: torch.Tensor, side: str) -> None:
+    """Multiply ``module``'s weight in place by the vector ``s`` (in :func:`_acc`'s dtype) along its
+    ``side`` ("out" or "in") features: Linear (weight [out, in]) ``W' = diag(s) W`` / ``W' = W diag(s)``;
+    Conv1D (weight [in, out]) the transposes."""
+    weight = module.weight
+    in_dim = 0 if is_conv1d(module) else 1
+    shape = [1, 1]
+    shape[in_dim if side == "in" else 1 - in_dim] = -1
+    weight.copy_((weight.to(_acc(weight)) * s.view(shape)).to(weight.dtype))
+
+
 @torch.no_grad()
 def _fold_input(module: nn.Module, editor: nn.Module) -> None:
-    """Fold an input scale ``s`` into ``module`` in place: Linear (weight [out, in]) ``W' = W diag(s)``;
-    Conv1D (weight [in, out]) ``W' = diag(s) W``; the bias is unchanged."""
-    weight = module.weight
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    s = editor.scale.detach().to(device=weight.device, dtype=acc)
-    shape = [-1, 1] if is_conv1d(module) else [1, -1]  # the input features' dim of the weight
-    weight.copy_((weight.to(acc) * s.view(shape)).to(weight.dtype))
+    """Fold an input scale ``s`` into ``module`` in place (``f(x * s)``: the weight's input features
+    times ``s``); the bias is unchanged."""
+    _scale_weight(module, _as_acc(editor.scale, module.weight), "in")
 
 
 @torch.no_grad()
@@ -40,14 +58,10 @@ def _fold(module: nn.Module, editor: nn.Module) -> bool:
     Linear (weight [out, in]): ``W' = diag(s) W``; Conv1D (weight [in, out]): ``W' = W diag(s)``;
     both: ``b' = s * b + c``. Arithmetic in fp32 (fp64 for fp64 weights), stored in the weight dtype."""
     weight = module.weight
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    s = editor.scale.detach().to(device=weight.device, dtype=acc) if editor.scale is not None else None
-    c = editor.bias.detach().to(device=weight.device, dtype=acc) if editor.bias is not None else None
-    out_dim = -1 if is_conv1d(module) else 0  # the output features' dim of the weight
+    acc = _acc(weight)
+    s, c = _as_acc(editor.scale, weight), _as_acc(editor.bias, weight)
     if s is not None:
-        shape = [1, 1]
-        shape[out_dim] = -1
-        weight.copy_((weight.to(acc) * s.view(shape)).to(weight.dtype))
+        _scale_weight(module, s, "out")
     b = module.bias
     if b is not None:
         new_b = b.to(acc)
@@ -204,6 +218,8 @@ def merge_model(model: nn.Module) -> nn.Module:
             "Ship the adapter (red_kernels.save_adapter) and merge after loading instead.",
             stacklevel=2,
         )
+        # On the instance, so it outlives this class: patching the model again gives it a class whose
+        # save_pretrained (a data descriptor, see root.py) wins until unpatch_model, which brings this back.
         if callable(getattr(type(model), "save_pretrained", None)):
             model.__dict__["save_pretrained"] = functools.partial(_refuse_save, type(model).__name__, orphan)
     return model

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import types
+
 from torch import nn
 
 from red_kernels.patch import context
@@ -33,6 +35,13 @@ def _save_pretrained(self, *args, **kwargs) -> None:
     from red_kernels.adapters import save_pretrained
 
     save_pretrained(self, *args, **kwargs)
+
+
+# A property (a data descriptor), not a plain method: it wins over an instance attribute of the same
+# name, such as the refusing ``save_pretrained`` that merge_model leaves on a merged model whose new
+# biases its config cannot describe. Re-patching such a model must checkpoint its adapters; once
+# unpatched, the class is the model's own again and the instance's refusal is back.
+_SAVE_PRETRAINED = property(lambda self: types.MethodType(_save_pretrained, self))
 
 
 def _set_ignored(self, value) -> None:  # transformers' post_init assigns it
@@ -71,7 +80,7 @@ def attach_root_class(model: nn.Module) -> None:
     if cls not in _ROOT_CLASSES:
         body = {ROOT_BASE: cls, "__module__": cls.__module__, "__qualname__": f"RED_KERNELS[{cls.__qualname__}]"}
         if callable(getattr(cls, "save_pretrained", None)):
-            body["save_pretrained"] = _save_pretrained
+            body["save_pretrained"] = _SAVE_PRETRAINED
             body["_keys_to_ignore_on_save"] = property(frozen_keys, _set_ignored)
         if callable(getattr(cls, "generate", None)):
             body["generate"] = _generate

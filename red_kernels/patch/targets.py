@@ -2,7 +2,7 @@
 
 A target is a module whose output RED edits: a ``torch.nn.Linear`` or a Hugging Face ``Conv1D``
 (GPT-2's transposed linear). IA3 scales the output of its targets, except its feed-forward ones
-(``ia3_inputs``, the FFN's output projection), whose input it scales. Patterns are matched against
+(``Target.scales_input``, the FFN's output projection), whose input it scales. Patterns are matched against
 the names of ``model.named_modules()``.
 
 User patterns (``targets=`` / ``trainable=``): a glob (``fnmatch``, where ``*`` also crosses dots)
@@ -13,8 +13,9 @@ does not also match the attention's ``layer.N.attention.output.dense``.
 
 Detection is structural: an architecture is recognised when every required target pattern of the
 method matches a module, so layouts shared by other models work (Mistral, Qwen2, Gemma use LLaMA's
-names; BERT, XLM-R, ELECTRA use RoBERTa's; mT5 uses T5's). ``config.model_type`` only decides the
-order in which the tables are tried.
+names; BERT, XLM-R, ELECTRA use RoBERTa's; mT5 uses T5's). ``config.model_type`` decides the order in
+which the tables are tried, and picks IA3's targets where PEFT's table differs between model types
+that share a layout (:class:`IA3Variant`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ _ANY_PREFIX = r"(?:.*\.)?"
 
 @dataclass(frozen=True)
 class Target:
-    """A regular expression (full match) naming target modules; ``required`` ones must exist."""
+    """A regular expression (full match) naming target modules; ``required`` ones must exist.
+
+    ``scales_input``: an IA3 feed-forward target, whose input (not output) is scaled."""
 
     regex: str
     required: bool = True
+    scales_input: bool = False
 
     def matches(self, name: str) -> bool:
         return re.fullmatch(self.regex, name) is not None
@@ -81,10 +85,19 @@ class ParaSpec:
 
 
 @dataclass(frozen=True)
+class IA3Variant:
+    """IA3 targets of the model types ``model_types``, where PEFT's table differs from the layout's
+    default (Qwen2 and Gemma scale ``q_proj`` where LLaMA scales ``k_proj``)."""
+
+    model_types: tuple[str, ...]
+    targets: tuple[Target, ...]
+
+
+@dataclass(frozen=True)
 class ArchSpec:
-    """``ia3`` and ``ia3_inputs`` follow PEFT's default IA3 targets (``target_modules`` and
-    ``feedforward_modules`` of ``peft.utils.constants``) as PEFT resolves them on the module names:
-    the targets whose names end with a feed-forward name have their input scaled."""
+    """``ia3`` (and ``ia3_variants`` per model type) follow PEFT's default IA3 targets
+    (``target_modules`` and ``feedforward_modules`` of ``peft.utils.constants``) as PEFT resolves them
+    on the module names; the targets whose names end with a feed-forward name are ``scales_input``."""
 
     name: str
     model_types: tuple[str, ...]
@@ -93,17 +106,19 @@ class ArchSpec:
     bias_switches: tuple[BiasSwitch, ...] = field(default=())
     para: ParaSpec | None = None
     ia3: tuple[Target, ...] = field(default=())
-    ia3_inputs: tuple[str, ...] = field(default=())  # regexes (full match) of the feed-forward targets
+    ia3_variants: tuple[IA3Variant, ...] = field(default=())
 
-    def targets(self, method: str) -> tuple[Target, ...]:
+    def targets(self, method: str, model_type: str | None = None) -> tuple[Target, ...]:
+        """The default targets of ``method``; IA3's are those of ``model_type``'s variant if it has one."""
         if method == "para":
             return (Target(self.para.layer),) if self.para else ()
         if method == "ia3":
-            return self.ia3
+            return next((v.targets for v in self.ia3_variants if model_type in v.model_types), self.ia3)
         return self.red if method == "red" else self.red + self.red_plus
 
-    def is_ia3_input(self, name: str) -> bool:
-        return any(re.fullmatch(r, name) for r in self.ia3_inputs)
+    def is_ia3_input(self, name: str, model_type: str | None = None) -> bool:
+        """Is ``name`` an IA3 feed-forward target (input scaled) of ``model_type``'s table?"""
+        return any(t.scales_input and t.matches(name) for t in self.targets("ia3", model_type))
 
     def describe(self) -> str:
         red = ", ".join(_short(t.regex) for t in self.red)
@@ -118,6 +133,15 @@ def _short(regex: str) -> str:
 
 def _t(suffix: str, required: bool = True) -> Target:
     return Target(_ANY_PREFIX + suffix, required)
+
+
+def _ff(suffix: str) -> Target:
+    """An IA3 feed-forward target: its input is scaled."""
+    return Target(_ANY_PREFIX + suffix, scales_input=True)
+
+
+_LLAMA_FF = _ff(r"layers\.\d+\.mlp\.down_proj")
+_T5_KV = _t(r"block\.\d+\.layer\.\d+\.(?:SelfAttention|EncDecAttention)\.[kv]")
 
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
@@ -140,9 +164,11 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             ),
             labels_are_tokens=True,
         ),
-        # PEFT's LLaMA / Mistral table (it uses q_proj instead of k_proj for Qwen2 and Gemma).
-        ia3=(_t(r"layers\.\d+\.self_attn\.[kv]_proj"), _t(r"layers\.\d+\.mlp\.down_proj")),
-        ia3_inputs=(_ANY_PREFIX + r"layers\.\d+\.mlp\.down_proj",),
+        # PEFT's LLaMA / Mistral table; PEFT scales q_proj instead of k_proj for Qwen2/3 and Gemma 1/2.
+        ia3=(_t(r"layers\.\d+\.self_attn\.[kv]_proj"), _LLAMA_FF),
+        ia3_variants=(
+            IA3Variant(("qwen2", "qwen3", "gemma", "gemma2"), (_t(r"layers\.\d+\.self_attn\.[qv]_proj"), _LLAMA_FF)),
+        ),
     ),
     ArchSpec(
         name="roberta",
@@ -166,9 +192,8 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         # PEFT scales the input of both.
         ia3=(
             _t(r"layer\.\d+\.attention\.self\.(?:key|value)"),
-            _t(r"layer\.\d+\.(?:attention\.)?output\.dense"),
+            _ff(r"layer\.\d+\.(?:attention\.)?output\.dense"),
         ),
-        ia3_inputs=(_ANY_PREFIX + r"layer\.\d+\.(?:attention\.)?output\.dense",),
     ),
     ArchSpec(
         name="t5",
@@ -190,11 +215,12 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             ),
             decoder_pools_encoder=True,
         ),
-        ia3=(
-            _t(r"block\.\d+\.layer\.\d+\.(?:SelfAttention|EncDecAttention)\.[kv]"),
-            _t(r"block\.\d+\.layer\.\d+\.DenseReluDense\.wo"),
+        ia3=(_T5_KV, _ff(r"block\.\d+\.layer\.\d+\.DenseReluDense\.wo")),
+        # PEFT's mT5 table: the gated FFN's linear branch wi_1, scaled on its output (no feed-forward
+        # target). Not required: a relu mT5 has no wi_1, and PEFT then scales k and v only.
+        ia3_variants=(
+            IA3Variant(("mt5",), (_T5_KV, _t(r"block\.\d+\.layer\.\d+\.DenseReluDense\.wi_1", required=False))),
         ),
-        ia3_inputs=(_ANY_PREFIX + r"block\.\d+\.layer\.\d+\.DenseReluDense\.wo",),
     ),
     ArchSpec(
         name="gpt2",
@@ -212,8 +238,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             ),
             labels_are_tokens=True,
         ),
-        ia3=(_t(r"h\.\d+\.attn\.c_attn"), _t(r"h\.\d+\.mlp\.c_proj")),
-        ia3_inputs=(_ANY_PREFIX + r"h\.\d+\.mlp\.c_proj",),
+        ia3=(_t(r"h\.\d+\.attn\.c_attn"), _ff(r"h\.\d+\.mlp\.c_proj")),
     ),
 )
 
@@ -236,10 +261,11 @@ def match_names(patterns: Iterable[str], names: Sequence[str]) -> dict[str, list
     return {p: [n for n in names if pattern_matches(p, n)] for p in patterns}
 
 
-def table_match(spec: ArchSpec, method: str, names: Sequence[str]) -> list[str] | None:
-    """Target names of ``spec`` for ``method`` among ``names``, or None if a required target is absent."""
+def table_match(spec: ArchSpec, method: str, names: Sequence[str], model_type: str | None = None) -> list[str] | None:
+    """Target names of ``spec`` for ``method`` (and ``model_type``) among ``names``, or None if a
+    required target is absent."""
     chosen: list[str] = []
-    for target in spec.targets(method):
+    for target in spec.targets(method, model_type):
         hits = [n for n in names if target.matches(n)]
         if target.required and not hits:
             return None
@@ -255,7 +281,7 @@ def detect(model: nn.Module, method: str, names: Sequence[str]) -> tuple[ArchSpe
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     ordered = sorted(ARCHITECTURES, key=lambda a: model_type not in a.model_types)
     for spec in ordered:
-        chosen = table_match(spec, method, names)
+        chosen = table_match(spec, method, names, model_type)
         if chosen:
             return spec, chosen
     raise ValueError(
