@@ -375,3 +375,16 @@ def test_unpatch_under_a_wrapper_subclass_refuses_and_leaves_the_model_patched(n
     assert rk.patch.patch_state(model) is not None
     with torch.no_grad():
         assert torch.equal(logits(model, inputs), want)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_merge_under_a_wrapper_subclass_refuses_before_folding(name):
+    """merge_model ends by unpatching, which a wrapper's subclass prevents: it must refuse before it
+    folds anything into the weights, not after."""
+    model = _patched_and_trained(name, "red")
+    _wrap(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"merge_model: module '\(the model itself\)' .*before wrapping"):
+        rk.merge_model(model)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert rk.patch.patch_state(model) is not None

@@ -224,6 +224,23 @@ def test_own_ia3_targets_are_peft_defaults_of_more_model_types(build):
     assert _own_default_targets(base) == _peft_default_targets(base)
 
 
+@pytest.mark.parametrize("build", [tiny_t5, tiny_mt5])
+def test_chosen_ia3_targets_take_the_side_peft_gives_them(build):
+    """``targets=`` chosen by the user: which of them are scaled on their input follows the model
+    type's table as PEFT's ``IA3Config(target_modules=...)`` does (T5: wo's input; mT5, whose table
+    has no feed-forward module: wo's output)."""
+    base = build()
+    own = rk.patch.patch_state(rk.patch_model(copy.deepcopy(base), "ia3", targets=["wo"])).config
+    model = _quiet(peft.get_peft_model, copy.deepcopy(base), peft.IA3Config(target_modules=["wo"]))
+    layers = [
+        (n.removeprefix("base_model.model."), m)
+        for n, m in model.named_modules()
+        if isinstance(m, peft.tuners.ia3.IA3Layer)
+    ]
+    assert (own.targets, own.inputs) == ([n for n, _ in layers], [n for n, m in layers if m.is_feedforward])
+    assert own.targets
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_own_ia3_table_is_peft_default(made, arch):
     """``patch_model(model, "ia3")`` touches what PEFT's default IA3Config touches, on the same side."""

@@ -190,7 +190,7 @@ def plan_adapter(
         arch = _detect_architecture(model, names) if method != "para" else detect(model, method, names)[0].name
     modules = dict(model.named_modules())
     if method == "ia3":
-        inputs = _ia3_inputs(arch, chosen, inputs)
+        inputs = _ia3_inputs(arch, getattr(getattr(model, "config", None), "model_type", None), chosen, inputs)
     config = AdapterConfig(method=method, targets=chosen, dims={}, dtype=vec_dtype, target_patterns=patterns)
     if method == "para":
         spec = ARCH_BY_NAME[arch]
@@ -210,12 +210,13 @@ def plan_adapter(
     return arch, config, keep
 
 
-def _ia3_inputs(arch: str, chosen: list[str], inputs) -> list[str]:
-    """The IA3 targets whose input is scaled: the architecture's feed-forward targets, or those
-    among ``chosen`` that the ``inputs`` patterns name (an empty list: none)."""
+def _ia3_inputs(arch: str, model_type: str | None, chosen: list[str], inputs) -> list[str]:
+    """The IA3 targets whose input is scaled: the feed-forward targets of the architecture's table
+    for ``model_type`` (mT5 scales wi_1's output, T5 wo's input), or those among ``chosen`` that the
+    ``inputs`` patterns name (an empty list: none)."""
     if inputs is None:
         spec = ARCH_BY_NAME.get(arch)
-        return [n for n in chosen if spec is not None and spec.is_ia3_input(n)]
+        return [n for n in chosen if spec is not None and spec.is_ia3_input(n, model_type)]
     if isinstance(inputs, str):
         inputs = [inputs]
     try:

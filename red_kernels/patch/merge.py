@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from red_kernels.patch.core import _remove_everything, require_patched
+from red_kernels.patch.core import _remove_everything, check_own_classes, require_patched
 from red_kernels.patch.methods import INPUT_EDITOR_ATTR, is_conv1d
 from red_kernels.patch.targets import ARCH_BY_NAME
 
@@ -197,6 +197,7 @@ def merge_model(model: nn.Module) -> nn.Module:
             "edit into it would also change those; untie them first (e.g. clone the head's weight into its "
             "own Parameter) or keep the patched model"
         )
+    check_own_classes(model, "merge_model")  # before any weight changes
     gained = []
     for target in config.targets:
         module = model.get_submodule(target)
