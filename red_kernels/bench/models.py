@@ -275,6 +275,31 @@ def decode_case(
     )
 
 
+def tenants_case(
+    batch: int = 8,
+    tenants: int = 8,
+    methods: Sequence[str] = ("red", "para"),
+    peft: bool | None = None,
+    device: torch.device | None = None,
+    rounds: int = DECODE_ROUNDS,
+) -> Case:
+    """The tenants comparison (:data:`TENANTS` size, with memory): decoding of ``batch`` rows cycling
+    over ``tenants`` adapters, ``base`` against ``<method> tenants`` for each of ``methods`` and, if
+    ``peft`` (default: when installed), PEFT LoRA mixed and the PEFT IA3 loop."""
+    peft = have_peft() if peft is None else peft
+    variants = ("base", *(f"{m} tenants" for m in methods), *(PEFT_DECODE if peft else ()))
+    return decode_case(
+        TENANTS,
+        batch=batch,
+        variants=variants,
+        tenants=tenants,
+        memory=True,
+        label="tenants",
+        device=device,
+        rounds=rounds,
+    )
+
+
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
     """The model-level cases ``python -m red_kernels bench`` runs: a training step, decoding (base,
     RED, PARA, mixed tenants) and, at full size, the tenants comparison with PEFT and memory."""
@@ -295,15 +320,4 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
                 rounds=QUICK_ROUNDS,
             ),
         ]
-    return [
-        train_case(SMALL, peft=peft, device=device),
-        decode_case(SMALL, device=device),
-        decode_case(
-            TENANTS,
-            variants=("base", "red tenants", "para tenants", *peft_decode),
-            tenants=8,
-            memory=True,
-            label="tenants",
-            device=device,
-        ),
-    ]
+    return [train_case(SMALL, peft=peft, device=device), decode_case(SMALL, device=device), tenants_case(device=device)]
