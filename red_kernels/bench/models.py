@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,24 +67,10 @@ def have_peft() -> bool:
 
 def llama(size: Llama, device: torch.device | str = "cpu"):
     """A random-weight ``LlamaForCausalLM`` of ``size`` (seed 0), frozen, in eval mode."""
-    import transformers
+    from red_kernels.demo import random_llama
 
-    config = transformers.LlamaConfig(
-        vocab_size=size.vocab,
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(config).to(device).eval()
+    config = {"max_position_embeddings": 512, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    model = random_llama(size, size.vocab, 0, **config).to(device).eval()
     model.requires_grad_(False)
     return model
 
