@@ -18,18 +18,12 @@ from red_kernels.bench import models
 
 pytest.importorskip("transformers")
 
-_TENANT_RUNS = [(8, 8)] + ([(64, 1), (64, 8), (64, 64)] if os.environ.get("RK_BENCH_TENANTS_FULL") == "1" else [])
-_TENANT_VARIANTS = ("base", "red tenants", "para tenants", *(models.PEFT_DECODE if models.have_peft() else ()))
+# models.cases() holds the tenants comparison at batch 8 / 8 tenants; the full run adds batch 64.
+_MORE_TENANT_RUNS = [(64, 1), (64, 8), (64, 64)] if os.environ.get("RK_BENCH_TENANTS_FULL") == "1" else []
 
 CASES = [
-    models.train_case(models.SMALL, device=device()),
-    models.decode_case(models.SMALL, device=device()),
-    *[
-        models.decode_case(
-            models.TENANTS, batch=b, variants=_TENANT_VARIANTS, tenants=t, memory=True, label="tenants", device=device()
-        )
-        for b, t in _TENANT_RUNS
-    ],
+    *models.cases(device()),
+    *[models.tenants_case(batch=b, tenants=t, device=device()) for b, t in _MORE_TENANT_RUNS],
 ]
 
 

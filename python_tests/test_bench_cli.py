@@ -215,8 +215,62 @@ def test_rounds_interleave_variants_and_a_failing_variant_is_dropped():
         iterations=2,
         tick=lambda: ticks.append(1),
     )
-    one_round = ["setup a", "a", "a", "setup b", "b", "b"]
-    assert calls == ["setup a", "a", "a", "broken", "setup b", "b", "b"] + one_round * 3
+    a_, b_ = ["setup a", "a", "a"], ["setup b", "b", "b"]
+    # Round r starts at variant r mod 3 (a, broken, b); broken is gone after round 0.
+    assert calls == [*a_, "broken", *b_] + [*b_, *a_] + [*b_, *a_] + [*a_, *b_]
     assert set(times) == {"a", "b"} and all(len(t) == 3 and min(t) >= 0 for t in times.values())
     assert errors == {"broken": "RuntimeError: no C++ compiler"}
     assert len(ticks) == 4 * 3  # every (round, variant), the dropped one too: the bar's total holds
+
+
+def test_each_round_starts_one_variant_further():
+    """Round r runs the variants from the (r mod n)-th on, so no variant always follows the same one
+    (a variant after a memory-heavy one would pay for its freed pages every round)."""
+    order: list[str] = []
+    names = ["a", "b", "c", "d"]
+    times, errors = measure({n: Variant(lambda n=n: order.append(n)) for n in names}, rounds=6, warmup=2)
+    rounds = [order[i : i + 4] for i in range(0, len(order), 4)]
+    assert rounds == [names[r % 4 :] + names[: r % 4] for r in range(8)]
+    assert not errors and all(len(t) == 6 for t in times.values())
+    before = {n: {prev for prev, cur in zip(order, order[1:]) if cur == n} for n in names}
+    assert all(len(prev) > 1 for prev in before.values()), before
+
+
+# --- benchmarks/models_side_by_side.py -------------------------------------------------------------------
+
+
+def _side_by_side():
+    spec = importlib.util.spec_from_file_location("models_side_by_side", ROOT / "benchmarks" / "models_side_by_side.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_side_by_side_says_when_the_base_fails(monkeypatch, capsys):
+    """A failing base variant is reported with its error and the other variants' rows print without
+    ratios (it raised KeyError: 'base')."""
+    from red_kernels.bench.timing import Case
+
+    def broken():
+        raise RuntimeError("base exploded")
+
+    case = Case(
+        group="model toy decode",
+        kind="model",
+        variants=("base", "red"),
+        build=lambda: {"base": Variant(broken), "red": Variant(lambda: None)},
+        baseline="base",
+        rounds=2,
+        warmup=0,
+        tokens=4,
+    )
+    module = _side_by_side()
+    monkeypatch.setattr(module.models, "decode_case", lambda **_: case)
+    monkeypatch.setattr(sys, "argv", ["models_side_by_side.py", "decode", "--rounds", "2"])
+    assert module.main() == 1
+    out = capsys.readouterr().out
+    assert "model toy decode (medians of 2 interleaved rounds)" in out
+    assert "base: RuntimeError: base exploded" in out
+    assert "no ratios to base: the base variant failed" in out
+    red = next(line for line in out.splitlines() if line.strip().startswith("red "))
+    assert "tokens/s" in red and "(no base to compare)" in red

@@ -69,3 +69,52 @@ def test_dry_run_lists_every_stage_command_and_case(dry_run):
     for case in ["decode base", "decode red", "decode para", "decode mixed tenants", "train base", "train red"]:
         assert case in models, case
     assert "train para" in models and "train mixed tenants" in models and "peft-lora" in models
+
+
+def test_dry_run_checks_the_bench_baselines_import(dry_run):
+    assert "eager baselines (import red_kernels.bench.ops): ok" in dry_run[0].stdout
+
+
+def test_bench_baselines_import_without_matplotlib():
+    """The bench child imports red_kernels.bench.ops; the GPU machine may lack matplotlib (only the
+    chart of ``python -m red_kernels bench`` needs it)."""
+    probe = "import sys; sys.modules['matplotlib'] = None; import red_kernels.bench.ops"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("case", range(len(OPS)), ids=OPS)
+def test_bench_cases_use_the_shared_eager_baselines(case, monkeypatch):
+    """build_case (on the CPU here, with small shapes) times red_kernels.bench.ops's eager code, and
+    it runs on the case's inputs."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gpu_check
+    import torch
+
+    from red_kernels.bench import ops as bench_ops
+
+    monkeypatch.setattr(gpu_check, "DEVICE", "cpu")
+    para = {"B": 2, "T": 5, "d": 16, "r": 3, "n": 10}
+    op, params = [
+        ("red_edit", {"shape": (2, 3, 16)}),
+        ("seq_scale", {"shape": (2, 3, 16)}),
+        ("gathered_red_edit", {"K": 2, "shape": (4, 3, 16)}),
+        ("para_vector_gen", para),
+        ("gathered_para_vector_gen", {**para, "K": 3, "B": 3}),
+    ][case]
+    inputs, grad, fns, _ = gpu_check.build_case(op, params, torch.float32)
+    shared = {
+        "red_edit": (bench_ops.eager_red_edit, None),
+        "seq_scale": (bench_ops.eager_seq_scale, None),
+        "gathered_red_edit": (bench_ops.eager_gathered_red_edit, bench_ops.eager_gathered_red_edit_loop),
+        "para_vector_gen": (bench_ops.eager_para_vector_gen, None),
+        "gathered_para_vector_gen": (None, bench_ops.eager_gathered_para_loop),
+    }[op]
+    for name, fn in zip(["eager", "loop"], shared):
+        if fn is not None:
+            assert fns[name] is fn, name
+    want = fns["eager"](*inputs)
+    assert want.shape == grad.shape
+    if "loop" in fns:
+        torch.testing.assert_close(fns["loop"](*inputs), want)

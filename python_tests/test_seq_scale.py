@@ -103,6 +103,28 @@ def test_packed_with_empty_and_long_sequences(backend):
     assert torch.equal(gv[0], torch.zeros(33)) and torch.equal(gv[4], torch.zeros(33))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["x", "grad_out"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_packed_nonfinite_stays_in_its_sequence(backend, where, bad):
+    """A NaN/Inf in one sequence's rows (of x or of grad_out) makes that sequence's grad_vec row
+    non-finite and leaves every other sequence's row as it was (the reference's one-hot matmul
+    spread it: 0 * NaN = NaN)."""
+    x, vec, idx = _inputs("packed_unsorted", 4, 30, 16, torch.float32)
+    g = torch.randn(x.shape)
+    poisoned = int(idx[5])
+    if where == "x":
+        x = x.detach().index_put((torch.tensor(5), torch.tensor(3)), torch.tensor(bad)).requires_grad_()
+    else:
+        g[5, 3] = bad
+    (gv,) = torch.autograd.grad(rk.seq_scale(x, vec, idx, backend=backend), (vec,), g)
+    clean = [b for b in range(4) if b != poisoned]
+    assert torch.isfinite(gv[clean]).all()
+    want = torch.stack([(g[idx == b] * x.detach()[idx == b]).sum(0) for b in clean])
+    torch.testing.assert_close(gv[clean], want, rtol=1e-5, atol=1e-5)
+    assert not torch.isfinite(gv[poisoned, 3])
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_unsorted_bits_equal_sorted(backend, dtype):

@@ -404,26 +404,40 @@ def _quiet_transformers():
     transformers.utils.logging.set_verbosity_error()
 
 
-def build_base(preset: Preset, seed: int):
+def random_llama(size, vocab: int, seed: int, **config):
+    """A ``LlamaForCausalLM`` with random weights (drawn after ``torch.manual_seed(seed)``): the
+    widths of ``size`` (anything with ``hidden``, ``intermediate``, ``layers``, ``heads`` and
+    ``kv_heads``: a :class:`Preset`, or the benchmarks' ``Llama``), ``vocab`` tokens, and
+    ``config``'s further ``LlamaConfig`` fields. The demo and the model benchmarks both build theirs
+    here."""
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=preset.hidden,
-        intermediate_size=preset.intermediate,
-        num_hidden_layers=preset.layers,
-        num_attention_heads=preset.heads,
-        num_key_value_heads=preset.kv_heads,
+        vocab_size=vocab,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        **config,
+    )
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.LlamaForCausalLM(config)
+
+
+def build_base(preset: Preset, seed: int):
+    return random_llama(
+        preset,
+        VOCAB,
+        seed,
         max_position_embeddings=64,
         bos_token_id=BOS,
         eos_token_id=EOS,
         pad_token_id=PAD,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transformers.LlamaForCausalLM(config)
 
 
 def pretrained_base(preset: Preset, seed: int, out: Path) -> tuple[object, dict]:

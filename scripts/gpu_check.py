@@ -444,11 +444,12 @@ def _bytes_para(h, weights: list, batch: int, n_out: int) -> dict[str, int]:
 
 def build_case(op: str, params: dict, dtype):
     """(inputs, grad_out, {variant: fn(*inputs)}, bytes per mode) for one benchmark case, on the GPU.
-    The eager code is the one benchmarks/bench_<op>.py compares against."""
+    The eager baselines are red_kernels.bench.ops's, the ones ``python -m red_kernels bench``
+    compares against."""
     import torch
-    import torch.nn.functional as F
 
     import red_kernels as rk
+    from red_kernels.bench import ops as bench_ops
 
     dev = DEVICE
     g = torch.Generator(device=dev).manual_seed(0)
@@ -463,14 +464,14 @@ def build_case(op: str, params: dict, dtype):
         if op == "red_edit":
             d = shape[-1]
             inputs = (h, randn(d, scale=0.1, shift=1.0), randn(d, scale=0.1))
-            eager = lambda h, s, b: h * s.to(h.dtype) + b.to(h.dtype)  # noqa: E731  (the official RED code)
+            eager = bench_ops.eager_red_edit
             rk_op = rk.red_edit
             vec_bytes = 2 * d * 4
             extra = {}
         elif op == "seq_scale":
             b, _, n = shape
             inputs = (h, randn(b, n, scale=0.1, shift=1.0))
-            eager = lambda x, v: x * v.to(x.dtype)[:, None, :]  # noqa: E731  (the PARA code)
+            eager = bench_ops.eager_seq_scale
             rk_op = rk.seq_scale
             vec_bytes = b * n * 4
             extra = {}
@@ -478,20 +479,10 @@ def build_case(op: str, params: dict, dtype):
             k, (b, _, d) = params["K"], shape
             ids = torch.randperm(b, device=dev, generator=g).remainder(k)
             inputs = (h, randn(k, d, scale=0.1, shift=1.0), randn(k, d, scale=0.1), ids)
-
-            def eager(h, scales, biases, ids):  # vectorised gather in eager PyTorch
-                return h * scales[ids][:, None].to(h.dtype) + biases[ids][:, None].to(h.dtype)
-
-            def loop(h, scales, biases, ids):  # PEFT's mixed batch: one sub-batch per tenant
-                out = h.clone()
-                for t in torch.unique(ids[ids >= 0]).tolist():
-                    rows = (ids == t).nonzero().squeeze(1)
-                    out[rows] = h[rows] * scales[t].to(h.dtype) + biases[t].to(h.dtype)
-                return out
-
+            eager = bench_ops.eager_gathered_red_edit  # vectorised gather in eager PyTorch
             rk_op = rk.gathered_red_edit
             vec_bytes = 2 * b * d * 4  # each row's two vectors
-            extra = {"loop": loop}
+            extra = {"loop": bench_ops.eager_gathered_red_edit_loop}
         nbytes = _bytes_elementwise(h, vec_bytes)
     else:
         p = params
@@ -506,11 +497,7 @@ def build_case(op: str, params: dict, dtype):
         weights = [w_down, w_up, b_up]
         if not k:
             inputs = (h, pool, w_down, w_up, b_up)
-
-            def eager(h, pool, w_down, w_up, b_up):  # the PARA code: pool, Linear -> GELU -> Linear
-                pooled = h[torch.arange(h.shape[0], device=h.device), pool]
-                return F.gelu(pooled @ w_down) @ w_up + b_up
-
+            eager = bench_ops.eager_para_vector_gen
             rk_op = rk.para_vector_gen
             extra = {}
         else:
@@ -518,20 +505,13 @@ def build_case(op: str, params: dict, dtype):
             inputs = (h, pool, w_down, w_up, b_up, ids)
 
             def eager(h, pool, w_down, w_up, b_up, ids):  # vectorised: each row's generator gathered
+                # (bench.ops has no vectorised eager of this op: its baseline is the loop)
                 pooled = h[torch.arange(h.shape[0], device=h.device), pool]
-                mid = F.gelu(torch.bmm(pooled[:, None], w_down[ids]))
+                mid = torch.nn.functional.gelu(torch.bmm(pooled[:, None], w_down[ids]))
                 return torch.bmm(mid, w_up[ids])[:, 0] + b_up[ids]
 
-            def loop(h, pool, w_down, w_up, b_up, ids):  # PEFT-style: one sub-batch per tenant
-                out = torch.ones(h.shape[0], w_up.shape[-1], dtype=w_up.dtype, device=h.device)
-                for j in ids.unique().tolist():
-                    rows = (ids == j).nonzero().squeeze(1)
-                    pooled = h[rows, pool[rows]]
-                    out = out.index_put((rows,), F.gelu(pooled @ w_down[j]) @ w_up[j] + b_up[j])
-                return out
-
             rk_op = rk.gathered_para_vector_gen
-            extra = {"loop": loop}
+            extra = {"loop": bench_ops.eager_gathered_para_loop}
         nbytes = _bytes_para(h, weights, b, n)
 
     fns = {"eager": eager, **extra, "torch.compile": torch.compile(eager, dynamic=False)}
@@ -981,6 +961,7 @@ def dry_run(facts: dict, fatal: list[str], gpu_fatal: list[str]) -> int:
     for op, params, dt in BENCH_CASES:
         print(f"  {op} {case_name(op, params, dt)}: {', '.join(variants_for(op))}")
     print(f"  ops: {', '.join(OPS)}")
+    baselines_ok = bench_import_ok()
 
     print(
         f"\nstage models: random LLaMA {LLAMA}, bf16; decode batch {DECODE_BATCH}, prompt {PROMPT}, "
@@ -990,7 +971,24 @@ def dry_run(facts: dict, fatal: list[str], gpu_fatal: list[str]) -> int:
         print(f"  {workload} {variant}")
     if not facts.get("peft"):
         print("  (peft is not installed: the PEFT LoRA case would be skipped)")
-    return 1 if fatal else 0
+    return 1 if fatal or not baselines_ok else 0
+
+
+BENCH_IMPORT_PROBE = "import red_kernels.bench.ops"
+
+
+def bench_import_ok() -> bool:
+    """Whether the bench child can import its eager baselines (red_kernels.bench.ops) with what
+    this Python has; printed by the dry run, which fails without them."""
+    cmd = [sys.executable, "-c", BENCH_IMPORT_PROBE]
+    try:
+        proc = subprocess.run(cmd, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        problem = (proc.stderr.strip().splitlines() or ["?"])[-1] if proc.returncode else None
+    except (OSError, subprocess.SubprocessError) as exc:
+        problem = str(exc)
+    status = f"MISSING (the bench stage would fail): {problem}" if problem else "ok"
+    print(f"  eager baselines ({BENCH_IMPORT_PROBE}): {status}")
+    return problem is None
 
 
 def main() -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,24 +67,10 @@ def have_peft() -> bool:
 
 def llama(size: Llama, device: torch.device | str = "cpu"):
     """A random-weight ``LlamaForCausalLM`` of ``size`` (seed 0), frozen, in eval mode."""
-    import transformers
+    from red_kernels.demo import random_llama
 
-    config = transformers.LlamaConfig(
-        vocab_size=size.vocab,
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(config).to(device).eval()
+    config = {"max_position_embeddings": 512, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    model = random_llama(size, size.vocab, 0, **config).to(device).eval()
     model.requires_grad_(False)
     return model
 
@@ -275,6 +260,31 @@ def decode_case(
     )
 
 
+def tenants_case(
+    batch: int = 8,
+    tenants: int = 8,
+    methods: Sequence[str] = ("red", "para"),
+    peft: bool | None = None,
+    device: torch.device | None = None,
+    rounds: int = DECODE_ROUNDS,
+) -> Case:
+    """The tenants comparison (:data:`TENANTS` size, with memory): decoding of ``batch`` rows cycling
+    over ``tenants`` adapters, ``base`` against ``<method> tenants`` for each of ``methods`` and, if
+    ``peft`` (default: when installed), PEFT LoRA mixed and the PEFT IA3 loop."""
+    peft = have_peft() if peft is None else peft
+    variants = ("base", *(f"{m} tenants" for m in methods), *(PEFT_DECODE if peft else ()))
+    return decode_case(
+        TENANTS,
+        batch=batch,
+        variants=variants,
+        tenants=tenants,
+        memory=True,
+        label="tenants",
+        device=device,
+        rounds=rounds,
+    )
+
+
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
     """The model-level cases ``python -m red_kernels bench`` runs: a training step, decoding (base,
     RED, PARA, mixed tenants) and, at full size, the tenants comparison with PEFT and memory."""
@@ -295,15 +305,4 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
                 rounds=QUICK_ROUNDS,
             ),
         ]
-    return [
-        train_case(SMALL, peft=peft, device=device),
-        decode_case(SMALL, device=device),
-        decode_case(
-            TENANTS,
-            variants=("base", "red tenants", "para tenants", *peft_decode),
-            tenants=8,
-            memory=True,
-            label="tenants",
-            device=device,
-        ),
-    ]
+    return [train_case(SMALL, peft=peft, device=device), decode_case(SMALL, device=device), tenants_case(device=device)]

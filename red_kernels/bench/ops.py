@@ -172,6 +172,23 @@ def _op_case(group: str, variants: list[str], build: Callable[[], dict[str, Vari
     return Case(group=group, kind="op", variants=tuple(variants), build=build, **{**defaults, **options})
 
 
+def _decode_case(group: str, variants: list[str], build: Callable[[], dict[str, Variant]], quick: bool) -> Case:
+    """A decode-step case: microseconds per call, so each timing is many calls."""
+    iterations = QUICK_DECODE_ITERATIONS if quick else DECODE_ITERATIONS
+    return _op_case(group, variants, build, quick, iterations=iterations)
+
+
+def _decode_variants(fns: dict[str, Callable], inputs: tuple, x: Tensor, mode: str) -> dict[str, Variant]:
+    """One KV-cached decode step: each fn's forward on ``inputs`` and the floor (a copy of the
+    activations ``x``); under ``torch.inference_mode`` when ``mode`` is ``"inference"`` (serving),
+    with autograd recording when it is ``"autograd"``."""
+    x = x.detach()  # once, here: the floor times the copy alone
+    variants = {**_timed(fns, inputs, "fwd"), "floor": Variant(lambda: x.clone())}
+    if mode == "inference":
+        variants = {name: Variant(_inference(v.fn)) for name, v in variants.items()}
+    return variants
+
+
 # --- red_edit ------------------------------------------------------------------------------------------
 
 
@@ -203,10 +220,7 @@ def red_edit_cases(device: torch.device, quick: bool = False) -> list[Case]:
 
     def build_decode(mode):
         h, scale, bias, _ = inputs((8, 1, decode_d), "bf16", grad=mode == "autograd")
-        variants = {**_timed(fns(), (h, scale, bias), "fwd"), "floor": Variant(lambda: h.detach().clone())}
-        if mode == "inference":
-            variants = {name: Variant(_inference(v.fn)) for name, v in variants.items()}
-        return variants
+        return _decode_variants(fns(), (h, scale, bias), h, mode)
 
     cases = [
         _op_case(
@@ -218,15 +232,8 @@ def red_edit_cases(device: torch.device, quick: bool = False) -> list[Case]:
         for shape, dt in shapes
         for mode in MODES
     ]
-    iterations = QUICK_DECODE_ITERATIONS if quick else DECODE_ITERATIONS
     cases += [
-        _op_case(
-            f"red_edit decode 8x1x{decode_d} bf16 {mode}",
-            names,
-            functools.partial(build_decode, mode),
-            quick,
-            iterations=iterations,
-        )
+        _decode_case(f"red_edit decode 8x1x{decode_d} bf16 {mode}", names, functools.partial(build_decode, mode), quick)
         for mode in decode_modes
     ]
     return cases
@@ -264,8 +271,7 @@ def seq_scale_cases(device: torch.device, quick: bool = False) -> list[Case]:
     def build_decode(n):
         g = torch.Generator().manual_seed(0)
         x, vec = _randn(g, (8, 1, n), device, torch.bfloat16), _randn(g, (8, n), device)
-        variants = {**_timed(fns(), (x, vec), "fwd"), "floor": Variant(lambda: x.clone())}
-        return {name: Variant(_inference(v.fn)) for name, v in variants.items()}
+        return _decode_variants(fns(), (x, vec), x, "inference")
 
     cases = [
         _op_case(f"seq_scale {_dims(shape)}-{dt} {mode}", names, functools.partial(build, shape, dt, mode), quick)
@@ -273,13 +279,7 @@ def seq_scale_cases(device: torch.device, quick: bool = False) -> list[Case]:
         for mode in MODES
     ]
     cases += [
-        _op_case(
-            f"seq_scale decode 8x1x{n} bf16",
-            names,
-            functools.partial(build_decode, n),
-            quick,
-            iterations=DECODE_ITERATIONS,
-        )
+        _decode_case(f"seq_scale decode 8x1x{n} bf16", names, functools.partial(build_decode, n), quick)
         for n in decode_widths
     ]
     return cases

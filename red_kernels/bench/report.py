@@ -95,38 +95,40 @@ def _num(value: float | None, fmt: str = ".1f") -> str:
     return format(value, fmt) if value is not None else "-"
 
 
+# The columns after "benchmark | variant | median ms" of each kind's table: (header, cell of a row).
+_COLUMNS = {
+    "op": [
+        ("vs eager", lambda r: _x(r["speedup"])),
+        ("vs torch.compile", lambda r: _x(r["vs_compile"])),
+        ("/ floor", lambda r: _x(r["per_floor"])),
+    ],
+    "model": [
+        ("vs base", lambda r: _x(r["speedup"])),
+        ("tokens/s", lambda r: _num(r.get("tokens_per_s"))),
+        ("weights MB", lambda r: _num(r.get("weights_mb"))),
+        ("peak extra MB", lambda r: _num(r.get("peak_extra_mb"))),
+    ],
+}
+
+
 def table(rows: Sequence[dict]) -> str:
     """Markdown tables of ``rows``: ops (vs eager, vs torch.compile, / floor) and models (vs base,
     tokens/s, memory); fastest variant first in each group; failed variants with their error."""
-    ops = [r for r in rows if r["kind"] == "op"]
-    models = [r for r in rows if r["kind"] == "model"]
     parts = []
-    if ops:
+    for kind, columns in _COLUMNS.items():
+        of_kind = [r for r in rows if r["kind"] == kind]
+        if not of_kind:
+            continue
         lines = [
-            "| benchmark | variant | median ms | vs eager | vs torch.compile | / floor |",
-            "|---|---|---:|---:|---:|---:|",
+            "| benchmark | variant | median ms | " + " | ".join(name for name, _ in columns) + " |",
+            "|---|---|" + "---:|" * (1 + len(columns)),
         ]
-        for r in _ordered(ops):
+        for r in _ordered(of_kind):
             if "error" in r:
-                lines.append(f"| {r['group']} | {r['variant']} | error: {_cell(r['error'])} | | | |")
+                cells = f"error: {_cell(r['error'])} |" + " |" * len(columns)
             else:
-                cells = f"{_ms(r['median_ms'])} | {_x(r['speedup'])} | {_x(r['vs_compile'])} | {_x(r['per_floor'])}"
-                lines.append(f"| {r['group']} | {r['variant']} | {cells} |")
-        parts.append("\n".join(lines))
-    if models:
-        lines = [
-            "| benchmark | variant | median ms | vs base | tokens/s | weights MB | peak extra MB |",
-            "|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for r in _ordered(models):
-            if "error" in r:
-                lines.append(f"| {r['group']} | {r['variant']} | error: {_cell(r['error'])} | | | | |")
-            else:
-                cells = (
-                    f"{_ms(r['median_ms'])} | {_x(r['speedup'])} | {_num(r.get('tokens_per_s'))} | "
-                    f"{_num(r.get('weights_mb'))} | {_num(r.get('peak_extra_mb'))}"
-                )
-                lines.append(f"| {r['group']} | {r['variant']} | {cells} |")
+                cells = " | ".join([_ms(r["median_ms"]), *(cell(r) for _, cell in columns)]) + " |"
+            lines.append(f"| {r['group']} | {r['variant']} | {cells}")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

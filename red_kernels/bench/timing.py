@@ -6,10 +6,11 @@ and each adapter method). Its inputs are allocated by ``Case.build()`` only when
 holds one case's tensors at a time.
 
 :func:`measure` times the variants in interleaved rounds: round 1 runs every variant once, then
-round 2, and so on. A CPU whose speed drifts (turbo, a neighbour on a shared machine, page-fault
-storms) then slows every variant alike, and the median of each variant's rounds is compared with
-the others' medians from the same rounds. On a GPU each timing is bracketed by CUDA events after a
-synchronisation, so it measures the device's work, not the launch.
+round 2, and so on, each round starting one variant further along. A CPU whose speed drifts (turbo,
+a neighbour on a shared machine, page-fault storms) then slows every variant alike, and the median
+of each variant's rounds is compared with the others' medians from the same rounds. On a GPU each
+timing is bracketed by CUDA events after a synchronisation, so it measures the device's work, not
+the launch.
 
 :func:`peak_extra_memory` samples the memory a call adds at its peak, apart from the timed rounds.
 """
@@ -102,7 +103,14 @@ def measure(
     tick: Callable[[], None] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Time every variant in ``warmup + rounds`` interleaved rounds (each round runs each variant
-    once, in order); return ``({name: seconds per call of each timed round}, {name: error})``.
+    once); return ``({name: seconds per call of each timed round}, {name: error})``.
+
+    The order rotates: round r (warm-up rounds counted) runs the variants in ``variants``' order
+    starting at the (r mod n)-th of n, wrapping around. A variant then follows a different one from
+    round to round, so what one variant leaves behind is not always paid by the same next one:
+    after a variant that frees gigabytes of 4 KiB pages (the eager or reference loops), the next
+    one faulting in huge pages was measured to stall for ~200 ms at times, which in a fixed order
+    inflated one variant's median every round.
 
     A variant that raises is dropped from the remaining rounds and its error returned (a
     ``torch.compile`` that cannot build on this machine must not stop the others). ``tick`` is
@@ -110,8 +118,11 @@ def measure(
     device = device or torch.device("cpu")
     times: dict[str, list[float]] = {name: [] for name in variants}
     errors: dict[str, str] = {}
+    names = list(variants)
     for r in range(warmup + rounds):
-        for name, variant in variants.items():
+        start = r % len(names) if names else 0
+        for name in names[start:] + names[:start]:
+            variant = variants[name]
             if name not in errors:
                 try:
                     seconds = time_call(variant, iterations, device)

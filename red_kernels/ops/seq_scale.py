@@ -136,10 +136,11 @@ def _bwd_reference(grad_out, x, vec, seq_index, need_x, need_vec):
         if seq_index is None:
             grad_vec = gx.sum(1)
         else:
-            # One-hot matmul: a deterministic per-sequence sum on every device (index_add_ uses
-            # atomics on GPU).
-            onehot = torch.nn.functional.one_hot(seq_index, vec.shape[0]).to(acc)
-            grad_vec = onehot.T @ gx
+            # Each sequence sums only its own rows, so a NaN/Inf stays in its sequence's row (a
+            # one-hot matmul spreads it: 0 * NaN = NaN), and the sum is deterministic on every
+            # device (index_add_ uses atomics on GPU). One pass per sequence is fine for ground truth.
+            rows = [gx[seq_index == b].sum(0) for b in range(vec.shape[0])]
+            grad_vec = torch.stack(rows) if rows else gx.new_zeros(vec.shape)
         grad_vec = grad_vec.to(vec.dtype)
     return grad_x, grad_vec
 
