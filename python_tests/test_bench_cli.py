@@ -23,7 +23,9 @@ from red_kernels.bench.timing import Variant, measure
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench(tmp_path: Path, *args: str, timeout: int = 150) -> tuple[subprocess.CompletedProcess, Path]:
+def _bench(
+    tmp_path: Path, *args: str, timeout: int = 150, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess, Path]:
     """Run the command from a copy of the package in tmp_path/site (as pip installs it: the package
     and its built extension, nothing else of the checkout), with tmp_path/run as the working folder."""
     site = tmp_path / "site"
@@ -32,6 +34,7 @@ def _bench(tmp_path: Path, *args: str, timeout: int = 150) -> tuple[subprocess.C
     run_dir.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RED_KERNELS_BACKEND")}
     env["PYTHONPATH"] = str(site)
+    env.update(extra_env or {})
     proc = subprocess.run(
         [sys.executable, "-m", "red_kernels", "bench", *args],
         cwd=run_dir,
@@ -64,10 +67,18 @@ def _check_record(record: dict, site: Path) -> None:
 def test_op_bench_from_an_installed_copy(tmp_path):
     import red_kernels as rk
 
-    proc, run_dir = _bench(tmp_path, "--quick", "--ops-only", "--filter", "^red_edit 256x1024", "--out", "res")
+    proc, run_dir = _bench(
+        tmp_path,
+        *("--quick", "--ops-only", "--filter", "^red_edit 256x1024", "--out", "res"),
+        extra_env={"RED_KERNELS_NO_HUGE_PAGES": "0"},  # "0": advice on, as by default; recorded
+    )
     out = run_dir / "res"
     record = json.loads((out / "bench.json").read_text())
     _check_record(record, tmp_path / "site")
+    # The variables that change timings are recorded and named in the table's header.
+    assert record["environment"].get("RED_KERNELS_NO_HUGE_PAGES") == "0"
+    assert "TRITON_INTERPRET" not in record["environment"]
+    assert "environment: RED_KERNELS_NO_HUGE_PAGES=0" in (out / "bench.md").read_text().splitlines()[0]
     assert record["settings"]["quick"] and record["settings"]["filters"] == ["^red_edit 256x1024"]
 
     groups = _by_group(record["results"])

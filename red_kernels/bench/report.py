@@ -31,6 +31,16 @@ def machine() -> dict:
     return info
 
 
+# Environment variables that change what a CPU benchmark measures (huge pages, the kernels' build).
+_TIMING_ENV = ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS", "TRITON_INTERPRET", "LD_PRELOAD")
+
+
+def environment() -> dict:
+    """The set variables among those that change timings: torch's huge pages for every allocation,
+    threads, the Triton interpreter, a preloaded allocator, and every ``RED_KERNELS_*`` switch."""
+    return {k: v for k, v in sorted(os.environ.items()) if k in _TIMING_ENV or k.startswith("RED_KERNELS_")}
+
+
 def versions() -> dict:
     """python, torch, transformers, peft, triton and red_kernels versions (None: not installed)."""
     import importlib.metadata
@@ -152,7 +162,9 @@ def header(record: dict) -> str:
     if m.get("gpu"):
         where = f"GPU {m['gpu']} (host: {where})"
     installed = ", ".join(f"{k} {val}" for k, val in v.items() if val)
-    return f"Measured {record['date']} on {where}; {installed}."
+    env = record.get("environment") or {}
+    setting = "; environment: " + ", ".join(f"{k}={val}" for k, val in env.items()) if env else ""
+    return f"Measured {record['date']} on {where}; {installed}{setting}."
 
 
 # --- chart -----------------------------------------------------------------------------------------------

@@ -167,6 +167,7 @@ def run(
         "date": report.now(),
         "machine": report.machine(),
         "versions": report.versions(),
+        "environment": report.environment(),
         "device": str(device),
         "package": str(Path(rk.__file__).parent),
         "settings": {
