@@ -19,8 +19,10 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def tiny_llama(**overrides):
-    """LLaMA with grouped-query attention (4 query heads, 2 KV heads)."""
+def tiny_decoder(family: str, **overrides):
+    """A random causal LM of a LLaMA-like transformers family (``family``: the prefix of its
+    ``<family>Config`` / ``<family>ForCausalLM``): 2 layers, width 32, grouped-query attention
+    (4 query heads, 2 KV heads)."""
     cfg = dict(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -29,38 +31,23 @@ def tiny_llama(**overrides):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
     )
     cfg.update(overrides)
-    return _quiet(transformers.LlamaForCausalLM, transformers.LlamaConfig(**cfg)).eval()
+    config = getattr(transformers, f"{family}Config")(**cfg)
+    return _quiet(getattr(transformers, f"{family}ForCausalLM"), config).eval()
+
+
+def tiny_llama(**overrides):
+    """LLaMA with grouped-query attention (4 query heads, 2 KV heads)."""
+    return tiny_decoder("Llama", bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides)
 
 
 def tiny_mistral():
-    cfg = transformers.MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return _quiet(transformers.MistralForCausalLM, cfg).eval()
+    return tiny_decoder("Mistral")
 
 
 def tiny_qwen2():
-    cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return _quiet(transformers.Qwen2ForCausalLM, cfg).eval()
+    return tiny_decoder("Qwen2")
 
 
 def _bert_like(config_cls, model_cls, **overrides):
@@ -87,8 +74,9 @@ def tiny_bert():
     return _bert_like(transformers.BertConfig, transformers.BertForSequenceClassification)
 
 
-def tiny_t5(feed_forward_proj: str = "relu"):
-    cfg = transformers.T5Config(
+def tiny_t5(feed_forward_proj: str = "relu", family: str = "T5"):
+    """T5 (``family`` "MT5": mT5, whose config defaults to the gated-gelu FFN and an untied head)."""
+    cfg = getattr(transformers, f"{family}Config")(
         vocab_size=VOCAB,
         d_model=32,
         d_ff=64,
@@ -102,7 +90,7 @@ def tiny_t5(feed_forward_proj: str = "relu"):
         pad_token_id=0,
         eos_token_id=1,
     )
-    return _quiet(transformers.T5ForConditionalGeneration, cfg).eval()
+    return _quiet(getattr(transformers, f"{family}ForConditionalGeneration"), cfg).eval()
 
 
 def tiny_gpt2():

@@ -397,16 +397,22 @@ def test_t5_generation_equals_teacher_forcing_and_the_decoder_pools_the_encoder(
 # --- 4. generators run at prefill only; beam search ------------------------------------------------
 
 
-def count_generator_calls(monkeypatch) -> list[int]:
+def count_calls(monkeypatch, name: str) -> list[int]:
+    """Replace ``sites.<name>`` by a wrapper that records each call's ``h.shape[1]`` (the sequence
+    length of its first argument) in the list returned."""
     calls = []
-    real = sites.para_vector_gen
+    real = getattr(sites, name)
 
     def counting(h, *args, **kwargs):
         calls.append(h.shape[1])
         return real(h, *args, **kwargs)
 
-    monkeypatch.setattr(sites, "para_vector_gen", counting)
+    monkeypatch.setattr(sites, name, counting)
     return calls
+
+
+def count_generator_calls(monkeypatch) -> list[int]:
+    return count_calls(monkeypatch, "para_vector_gen")
 
 
 @pytest.mark.parametrize(("name", "layers"), [("llama", 2), ("gpt2", 2), ("t5-relu", 4)])
@@ -885,25 +891,13 @@ def test_adapters_added_and_deleted_under_a_wrapper_subclass(tmp_path, monkeypat
     assert torch.equal(run(model, input_ids=ids), run(red, input_ids=ids))
 
 
-def count_seq_scale_calls(monkeypatch) -> list[int]:
-    calls = []
-    real = sites.seq_scale
-
-    def counting(h, *args, **kwargs):
-        calls.append(h.shape[1])
-        return real(h, *args, **kwargs)
-
-    monkeypatch.setattr(sites, "seq_scale", counting)
-    return calls
-
-
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_generate_scales_every_projection_in_place(name, monkeypatch):
     """The decode-speed path: in plain generate (nn.Linear / Conv1D projections, no other hooks) every
     scaled projection is multiplied in place, never through seq_scale; with autograd it is seq_scale."""
     model = patched(name)
     ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(7))
-    calls = count_seq_scale_calls(monkeypatch)
+    calls = count_calls(monkeypatch, "seq_scale")
     model.generate(ids, max_new_tokens=4, do_sample=False)
     assert calls == []
     with torch.enable_grad():

@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from _hf_models import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2, tiny_roberta, tiny_t5
+from _hf_models import VOCAB, tiny_decoder, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2, tiny_roberta, tiny_t5
 from safetensors.torch import load_file, save_file
 
 import red_kernels as rk
@@ -26,35 +26,12 @@ transformers = pytest.importorskip("transformers")
 
 
 def tiny_gemma():
-    cfg = transformers.GemmaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-    )
-    return _quiet(transformers.GemmaForCausalLM, cfg).eval()
+    return tiny_decoder("Gemma", head_dim=8)
 
 
 def tiny_mt5():
     """mT5 (gated-gelu FFN, untied head): PEFT's table scales wi_1's output, no feed-forward target."""
-    cfg = transformers.MT5Config(
-        vocab_size=VOCAB,
-        d_model=32,
-        d_ff=64,
-        d_kv=8,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return _quiet(transformers.MT5ForConditionalGeneration, cfg).eval()
+    return tiny_t5("gated-gelu", family="MT5")
 
 
 BASES = {
@@ -191,27 +168,11 @@ def _own_default_targets(base) -> tuple[list[str], list[str]]:
 
 
 def tiny_qwen3():
-    cfg = transformers.Qwen3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-    )  # fmt: skip
-    return _quiet(transformers.Qwen3ForCausalLM, cfg).eval()
+    return tiny_decoder("Qwen3", head_dim=8)
 
 
 def tiny_gemma2():
-    cfg = transformers.Gemma2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-    )  # fmt: skip
-    return _quiet(transformers.Gemma2ForCausalLM, cfg).eval()
-
-
-def tiny_mistral():
-    cfg = transformers.MistralConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    return _quiet(transformers.MistralForCausalLM, cfg).eval()
+    return tiny_decoder("Gemma2", head_dim=8)
 
 
 @pytest.mark.parametrize(
